@@ -1,0 +1,198 @@
+"""kdrun's model zoo: ``create`` builds kdrun's own nets, torchvision models and timm models by name.
+
+Every model it returns has ``default_feature_layers``: module paths (keys of ``dict(model.named_modules())``)
+of the outputs of its main stages, lowest first, ending with the last feature map before global
+pooling; forward hooks on them give the features that feature-based distillation methods use.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kdrun.errors import KdrunError
+from kdrun.models import mobilenetv2, resnet_cifar, shufflenet, small, vgg, wrn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "resnet8": resnet_cifar.resnet8,
+    "resnet14": resnet_cifar.resnet14,
+    "resnet20": resnet_cifar.resnet20,
+    "resnet32": resnet_cifar.resnet32,
+    "resnet44": resnet_cifar.resnet44,
+    "resnet56": resnet_cifar.resnet56,
+    "resnet110": resnet_cifar.resnet110,
+    "resnet8x4": resnet_cifar.resnet8x4,
+    "resnet32x4": resnet_cifar.resnet32x4,
+    "wrn_16_2": wrn.wrn_16_2,
+    "wrn_40_1": wrn.wrn_40_1,
+    "wrn_40_2": wrn.wrn_40_2,
+    "wrn": wrn.wrn,
+    "vgg8": vgg.vgg8,
+    "vgg11": vgg.vgg11,
+    "vgg13": vgg.vgg13,
+    "mobilenetv2": mobilenetv2.mobilenetv2,
+    "shufflenetv1": shufflenet.shufflenetv1,
+    "shufflenetv2": shufflenet.shufflenetv2,
+    "mlp": small.mlp,
+    "cnn": small.cnn,
+}
+
+_TIMM_PREFIX = "timm:"
+_TORCHVISION_PREFIX = "torchvision:"
+
+
+def list_models() -> list[str]:
+    """The names of kdrun's own nets."""
+    return list(_REGISTRY)
+
+
+def create(name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build model ``name`` with ``num_classes`` outputs and ``in_chans`` input channels.
+
+    Looks ``name`` up in kdrun's own nets, then torchvision's classification models, then timm's;
+    ``timm:NAME`` and ``torchvision:NAME`` skip the lookup (e.g. for torchvision's own ``vgg11``).
+    ``kwargs`` go to the model's constructor. Raises ``KdrunError`` for unknown names or arguments.
+    """
+    if name.startswith(_TIMM_PREFIX):
+        return _create_timm(name[len(_TIMM_PREFIX) :], num_classes, in_chans, pretrained, kwargs)
+    if name.startswith(_TORCHVISION_PREFIX):
+        return _create_torchvision(name[len(_TORCHVISION_PREFIX) :], num_classes, in_chans, pretrained, kwargs)
+    if name in _REGISTRY:
+        return _create_own(name, num_classes, in_chans, pretrained, kwargs)
+    if name in _torchvision_names():
+        return _create_torchvision(name, num_classes, in_chans, pretrained, kwargs)
+    import timm
+
+    if timm.is_model(name):
+        return _create_timm(name, num_classes, in_chans, pretrained, kwargs)
+    candidates = list(_REGISTRY) + _torchvision_names() + timm.list_models()
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.8)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    raise KdrunError(
+        f"unknown model '{name}'{hint}: not a kdrun model ({', '.join(_REGISTRY)}), a torchvision model "
+        f"or a timm model; check the spelling, or prefix a timm name with '{_TIMM_PREFIX}'"
+    )
+
+
+def _create_own(name: str, num_classes: int, in_chans: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    if pretrained:
+        raise KdrunError(
+            f"kdrun's own model '{name}' has no pretrained weights; set pretrained to false and load "
+            "trained weights with teacher.checkpoint=PATH"
+        )
+    constructor = _REGISTRY[name]
+    params = inspect.signature(constructor).parameters
+    extra = [p for p in params if p not in ("num_classes", "in_chans")]
+    unknown = sorted(set(kwargs) - set(extra))
+    if unknown:
+        accepted = ", ".join(extra) if extra else "none"
+        raise KdrunError(f"model '{name}' does not take {', '.join(unknown)}; the arguments it takes are: {accepted}")
+    missing = [p for p in extra if params[p].default is inspect.Parameter.empty and p not in kwargs]
+    if missing:
+        raise KdrunError(f"model '{name}' needs the arguments {', '.join(missing)}; pass them with the model name")
+    return constructor(num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _create_torchvision(
+    name: str, num_classes: int, in_chans: int, pretrained: bool, kwargs: dict[str, Any]
+) -> nn.Module:
+    """A torchvision classification model; a pretrained one keeps its weights and gets a fresh head if needed."""
+    import torchvision
+
+    if name not in _torchvision_names():
+        raise KdrunError(f"unknown torchvision model '{name}'; torchvision.models.list_models() lists the names")
+    try:
+        if pretrained:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+            model = torchvision.models.get_model(name, weights=weights, **kwargs)
+            if len(weights.meta["categories"]) != num_classes:
+                _replace_head(model, name, len(weights.meta["categories"]), num_classes)
+        else:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise KdrunError(f"torchvision model '{name}' does not take the arguments {sorted(kwargs)}: {err}") from err
+    if in_chans != 3:
+        _adapt_first_conv(model, name, in_chans, pretrained)
+        if getattr(model, "transform_input", False):
+            model.transform_input = False  # GoogLeNet/Inception re-normalise exactly three channels
+    is_resnet = isinstance(model, torchvision.models.ResNet)
+    model.default_feature_layers = ["layer1", "layer2", "layer3", "layer4"] if is_resnet else []
+    return model
+
+
+def _create_timm(name: str, num_classes: int, in_chans: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise KdrunError(f"unknown timm model '{name}'; check the spelling against timm.list_models('*pattern*')")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as err:
+        raise KdrunError(f"timm model '{name}' does not take the arguments {sorted(kwargs)}: {err}") from err
+    paths = dict(model.named_modules())
+    feature_info = getattr(model, "feature_info", None)
+    infos = feature_info if isinstance(feature_info, list) else []
+    model.default_feature_layers = [info["module"] for info in infos if info.get("module") in paths]
+    return model
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def _replace_head(model: nn.Module, name: str, old_classes: int, num_classes: int) -> None:
+    """Swap the last Linear (or 1x1 conv, for SqueezeNet) with ``old_classes`` outputs for a fresh one."""
+    for path, module in reversed(list(model.named_modules())):
+        if isinstance(module, nn.Linear) and module.out_features == old_classes:
+            _set_submodule(model, path, nn.Linear(module.in_features, num_classes, bias=module.bias is not None))
+            return
+        if isinstance(module, nn.Conv2d) and module.out_channels == old_classes:
+            head = nn.Conv2d(module.in_channels, num_classes, module.kernel_size, bias=module.bias is not None)
+            _set_submodule(model, path, head)
+            return
+    raise KdrunError(
+        f"cannot find the {old_classes}-class head of torchvision model '{name}' to resize it; "
+        "use it with pretrained set to false"
+    )
+
+
+def _adapt_first_conv(model: nn.Module, name: str, in_chans: int, pretrained: bool) -> None:
+    """Replace the first Conv2d (``conv1`` for ResNets) with one taking ``in_chans`` channels.
+
+    A pretrained model given one channel starts from the sum of the RGB filters; otherwise the new
+    convolution keeps PyTorch's default initialisation.
+    """
+    found = next(((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if found is None:
+        raise KdrunError(f"torchvision model '{name}' has no Conv2d to adapt to in_chans={in_chans}; use 3 channels")
+    path, old = found
+    if old.in_channels == in_chans:
+        return
+    new = nn.Conv2d(
+        in_chans,
+        old.out_channels,
+        old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        groups=old.groups,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+    )
+    if pretrained and in_chans == 1:
+        with torch.no_grad():
+            new.weight.copy_(old.weight.sum(dim=1, keepdim=True))
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+    _set_submodule(model, path, new)
