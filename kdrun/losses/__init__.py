@@ -1,0 +1,47 @@
+"""Pure loss functions: tensors in, a scalar tensor out, no state, no modules."""
+
+from kdrun.losses.features import (
+    ab_loss,
+    at_loss,
+    attention_map,
+    cc_loss,
+    fsp_loss,
+    fsp_matrix,
+    ft_loss,
+    hcl_loss,
+    hint_loss,
+    nst_loss,
+    ofd_loss,
+    ofd_margin,
+    pkt_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    sp_loss,
+    vid_loss,
+)
+from kdrun.losses.logits import dist_loss, dkd_loss, kd_loss, standardize, tckd_nckd
+
+__all__ = [
+    "ab_loss",
+    "at_loss",
+    "attention_map",
+    "cc_loss",
+    "dist_loss",
+    "dkd_loss",
+    "fsp_loss",
+    "fsp_matrix",
+    "ft_loss",
+    "hcl_loss",
+    "hint_loss",
+    "kd_loss",
+    "nst_loss",
+    "ofd_loss",
+    "ofd_margin",
+    "pkt_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "sp_loss",
+    "standardize",
+    "tckd_nckd",
+    "vid_loss",
+]

@@ -1,0 +1,442 @@
+"""Losses on intermediate features and on relations between samples.
+
+Every function here is pure: tensors (and plain numbers) in, a scalar tensor out
+(or, for `attention_map`, `fsp_matrix` and `ofd_margin`, a small helper tensor),
+no state, no in-place change of its inputs. Feature tensors have shape
+(B, C, H, W) or (B, D). Teacher tensors are expected to be detached by the caller;
+nothing here detaches anything. Any regressor / connector that the paper puts
+on the student side (FitNets' regressor, AB's connector, VID's mean network, ...)
+is applied by the caller, and its output is what these functions receive.
+Shape mismatches that the caller must resolve (by a connector or by interpolation)
+raise ValueError.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{what}: student shape {tuple(student.shape)} differs from teacher shape "
+            f"{tuple(teacher.shape)}; map the student with a connector first"
+        )
+
+
+def _same_batch(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{what}: batch sizes differ ({student.shape[0]} vs {teacher.shape[0]})")
+
+
+def _min_batch(x: torch.Tensor, n: int, what: str) -> None:
+    if x.shape[0] < n:
+        raise ValueError(f"{what}: needs a batch of at least {n} samples, got {x.shape[0]}")
+
+
+def _spatial(feat: torch.Tensor, what: str) -> torch.Size:
+    if feat.dim() < 3:
+        raise ValueError(f"{what}: expected a (B, C, H, W) feature map, got shape {tuple(feat.shape)}")
+    return feat.shape[2:]
+
+
+def _same_spatial(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
+    _same_batch(student, teacher, what)
+    if _spatial(student, what) != _spatial(teacher, what):
+        raise ValueError(
+            f"{what}: spatial sizes differ ({tuple(student.shape[2:])} vs {tuple(teacher.shape[2:])}); "
+            "interpolate one of them to the other's size first"
+        )
+
+
+# --------------------------------------------------------------------------- FitNets
+
+
+def hint_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """Romero et al. ICLR 2015 (FitNets), the hint loss L_HT of eq. (3), as a mean squared error.
+
+    student_feat: the regressor output r(v_guided), same shape as teacher_feat,
+    (B, C, H, W) or (B, D). The paper writes L_HT = 1/2 * ||u_hint - r(v_guided)||^2
+    (sum of squares per sample, times 1/2). This function returns the MSE instead,
+    the mean of the squared differences over ALL elements (batch included), which is
+    what the benchmark tables (e.g. CRD's FitNet rows) use. Conversion:
+        batch mean of the paper's 0.5 * ||.||^2 = 0.5 * (numel / B) * hint_loss.
+    """
+    _same_shape(student_feat, teacher_feat, "hint_loss")
+    return (student_feat - teacher_feat).pow(2).mean()
+
+
+# --------------------------------------------------------------------------- AT
+
+
+def attention_map(feat: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """Zagoruyko & Komodakis ICLR 2017 (AT), F^p_sum(A) = sum_c |A_c|^p, vectorised and L2-normalised.
+
+    feat: (B, C, H, W). Returns Q / ||Q||_2 of shape (B, H*W), one unit-norm row per sample.
+    """
+    _spatial(feat, "attention_map")
+    q = feat.abs().pow(p).sum(dim=1).flatten(1)
+    return F.normalize(q, p=2, dim=1)
+
+
+def at_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """Zagoruyko & Komodakis ICLR 2017 (AT), eq. (2): || Q_S/||Q_S||_2 - Q_T/||Q_T||_2 ||_2 per sample, batch mean.
+
+    student_feat: (B, C_s, H, W), teacher_feat: (B, C_t, H, W); channel counts may
+    differ, spatial sizes must be equal (the caller interpolates; otherwise ValueError).
+    `p` is the exponent of the attention map F^p_sum. This is the paper's form: the
+    plain (not squared) norm of the difference of the normalised maps. Eq. (2) writes
+    that norm as ||.||_p and the experiments use p = 2 for both the map exponent and
+    the norm; here the norm is always the 2-norm and `p` only sets the map exponent.
+    The benchmark code instead uses the mean over positions of the SQUARED difference,
+    i.e. ||.||_2^2 / (H*W); the two differ in value and in gradient. The paper's factor
+    beta/2 and the sum over layer pairs are the caller's.
+    """
+    _same_spatial(student_feat, teacher_feat, "at_loss")
+    diff = attention_map(student_feat, p) - attention_map(teacher_feat, p)
+    return torch.linalg.vector_norm(diff, ord=2, dim=1).mean()
+
+
+# --------------------------------------------------------------------------- SP
+
+
+def sp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """Tung & Mori ICCV 2019 (similarity-preserving KD), eq. (2)-(4): ||G_S - G_T||_F^2 / b^2.
+
+    student_feat: (b, ...), teacher_feat: (b, ...); each is flattened to Q of shape
+    (b, chw), G~ = Q Q^T (b, b), and every row of G~ is divided by its L2 norm.
+    The loss is one layer pair's term of eq. (4); the sum over pairs is the caller's.
+    """
+    _same_batch(student_feat, teacher_feat, "sp_loss")
+    b = student_feat.shape[0]
+
+    def gram(feat: torch.Tensor) -> torch.Tensor:
+        q = feat.flatten(1)
+        return F.normalize(q @ q.t(), p=2, dim=1)
+
+    return (gram(student_feat) - gram(teacher_feat)).pow(2).sum() / (b * b)
+
+
+# --------------------------------------------------------------------------- RKD
+
+
+def _pair_index(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    i, j = torch.triu_indices(b, b, offset=1, device=device)
+    return i, j
+
+
+def rkd_distance_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Park et al. CVPR 2019 (RKD), eq. (2)-(3): Huber loss between mean-normalised pairwise distances.
+
+    s: (B, D_s), t: (B, D_t) embeddings (more dimensions are flattened), B >= 2.
+    psi_D(x_i, x_j) = ||x_i - x_j||_2 / mu, mu = mean distance over the distinct pairs
+    of the batch. Huber (smooth L1, delta = 1) between student and teacher psi_D.
+    The paper writes a SUM over the pairs; this returns the MEAN over the B(B-1)/2
+    distinct pairs (equivalently over the ordered pairs i != j), so the value does
+    not grow with B. The official code averages over all B^2 entries, the zero
+    diagonal included, which is (B-1)/B times this.
+    """
+    _same_batch(s, t, "rkd_distance_loss")
+    _min_batch(s, 2, "rkd_distance_loss")
+    i, j = _pair_index(s.shape[0], s.device)
+
+    def psi(x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        d = torch.linalg.vector_norm(x[i] - x[j], ord=2, dim=1)
+        return d / d.mean()
+
+    return F.smooth_l1_loss(psi(s), psi(t), reduction="mean", beta=1.0)
+
+
+def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Park et al. CVPR 2019 (RKD), eq. (4)-(5): Huber loss between cosines of the angles of triplets.
+
+    s: (B, D_s), t: (B, D_t) embeddings (more dimensions are flattened), B >= 3.
+    psi_A(x_i, x_j, x_k) = cos of the angle at x_j = <e_ij, e_kj>, e_ij = (x_i - x_j) / ||x_i - x_j||.
+    Huber (smooth L1, delta = 1) between student and teacher psi_A, averaged over all
+    ordered triplets of distinct indices (the paper writes a sum over them; see
+    `rkd_distance_loss`). Memory is O(B^2 D + B^3).
+    """
+    _same_batch(s, t, "rkd_angle_loss")
+    _min_batch(s, 3, "rkd_angle_loss")
+    b = s.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=s.device)
+    # valid[j, i, k]: j is the vertex, i and k the two other points, all distinct.
+    valid = ~(eye.unsqueeze(2) | eye.unsqueeze(1) | eye.unsqueeze(0))
+
+    def psi(x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        # e[j, i] = (x_i - x_j) / ||x_i - x_j||; the zero rows e[j, j] are masked out below.
+        e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)
+        return (e @ e.transpose(1, 2))[valid]
+
+    return F.smooth_l1_loss(psi(s), psi(t), reduction="mean", beta=1.0)
+
+
+# --------------------------------------------------------------------------- PKT
+
+
+def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Passalis & Tefas ECCV 2018 (PKT), cosine-kernel conditional probabilities and KL(teacher || student).
+
+    s: (B, D_s), t: (B, D_t) (more dimensions are flattened), B >= 2.
+    K(a, b) = (cos(a, b) + 1) / 2 in [0, 1]; p_{j|i} = K(x_j, x_i) / sum_{k != i} K(x_k, x_i),
+    j != i (self-pairs excluded, as in the paper's definition). The paper's loss is
+    sum_i sum_{j != i} p^t_{j|i} log(p^t_{j|i} / p^s_{j|i}); this returns that divided by
+    B (a batch mean of per-sample KL divergences). `eps` guards the vector norms and
+    the logarithms. The official code keeps the self-pairs and averages over all B^2
+    entries, so its values are about 1/B of these.
+    """
+    _same_batch(s, t, "pkt_loss")
+    _min_batch(s, 2, "pkt_loss")
+    b = s.shape[0]
+    off_diag = 1.0 - torch.eye(b, dtype=s.dtype, device=s.device)
+
+    def conditional(x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        x = x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)
+        k = 0.5 * (x @ x.t() + 1.0) * off_diag
+        return k / k.sum(dim=1, keepdim=True)
+
+    p_s = conditional(s)
+    p_t = conditional(t)
+    return (p_t * (torch.log(p_t + eps) - torch.log(p_s + eps))).sum() / b
+
+
+# --------------------------------------------------------------------------- CC
+
+
+def cc_loss(s: torch.Tensor, t: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
+    """Peng et al. ICCV 2019 (CCKD), L_CC = 1/n^2 ||psi(F_t) - psi(F_s)||^2 with the Taylor-expanded Gaussian RBF.
+
+    s: (n, D_s), t: (n, D_t) embeddings (more dimensions are flattened).
+    Each embedding is L2-normalised first, since the expansion
+    exp(-gamma ||x - y||^2) = exp(-2 gamma) exp(2 gamma x.y) needs ||x|| = ||y|| = 1. Then
+    C_ij = sum_{p=0}^{order} exp(-2 gamma) (2 gamma)^p / p! (x_i . x_j)^p, and the loss is the
+    mean over the n^2 entries of (C_s - C_t)^2, the paper's 1/n^2 normalisation.
+    """
+    _same_batch(s, t, "cc_loss")
+    coeffs = [math.exp(-2.0 * gamma) * (2.0 * gamma) ** p / math.factorial(p) for p in range(order + 1)]
+
+    def correlation(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.flatten(1), p=2, dim=1)
+        m = x @ x.t()
+        c = torch.full_like(m, coeffs[0])
+        for p in range(1, order + 1):
+            c = c + coeffs[p] * m.pow(p)
+        return c
+
+    return (correlation(s) - correlation(t)).pow(2).mean()
+
+
+# --------------------------------------------------------------------------- NST
+
+
+def nst_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Huang & Wang 2017 (NST, Like What You Like), squared MMD with the polynomial kernel k(x, y) = (x^T y)^2.
+
+    s: (B, C_s, H, W), t: (B, C_t, H, W); channel counts may differ, spatial sizes
+    must match (ValueError otherwise). Each channel's flattened H*W map is one sample
+    of the distribution and is L2-normalised. Per input:
+        MMD^2 = mean_{i,i'} k(f_t^i, f_t^i') + mean_{j,j'} k(f_s^j, f_s^j') - 2 mean_{i,j} k(f_t^i, f_s^j),
+    averaged over the batch. The paper's lambda/2 factor is the caller's weight.
+    """
+    _same_spatial(s, t, "nst_loss")
+    fs = F.normalize(s.flatten(2), p=2, dim=2)
+    ft = F.normalize(t.flatten(2), p=2, dim=2)
+    k_tt = (ft @ ft.transpose(1, 2)).pow(2).mean(dim=(1, 2))
+    k_ss = (fs @ fs.transpose(1, 2)).pow(2).mean(dim=(1, 2))
+    k_ts = (ft @ fs.transpose(1, 2)).pow(2).mean(dim=(1, 2))
+    return (k_tt + k_ss - 2.0 * k_ts).mean()
+
+
+# --------------------------------------------------------------------------- FSP
+
+
+def fsp_matrix(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
+    """Yim et al. CVPR 2017 (FSP), eq. (1): G_ij = sum_{h,w} F1_{h,w,i} F2_{h,w,j} / (h * w).
+
+    feat_a: (B, C1, H, W), feat_b: (B, C2, H, W) with the same spatial size
+    (ValueError otherwise; the caller pools). Returns (B, C1, C2).
+    """
+    _same_spatial(feat_a, feat_b, "fsp_matrix")
+    hw = math.prod(feat_a.shape[2:])
+    return feat_a.flatten(2) @ feat_b.flatten(2).transpose(1, 2) / hw
+
+
+def fsp_loss(
+    student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    teacher_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Yim et al. CVPR 2017 (FSP), eq. (2): 1/N sum_x sum_i lambda_i ||G_i^T(x) - G_i^S(x)||_2^2, lambda_i = 1.
+
+    student_pairs, teacher_pairs: equally long sequences of (feat_a, feat_b) feature-map
+    pairs, see `fsp_matrix`; the i-th student FSP matrix must have the i-th teacher's
+    shape. ||.||_2^2 is the sum of the squared entries of the C1 x C2 matrix; it is
+    averaged over the batch (1/N) and SUMMED over the pairs (the paper sets all
+    lambda_i equal; the common weight is the caller's).
+    """
+    if len(student_pairs) != len(teacher_pairs) or not student_pairs:
+        raise ValueError(
+            f"fsp_loss: needs the same, non-zero number of student and teacher pairs "
+            f"(got {len(student_pairs)} and {len(teacher_pairs)})"
+        )
+    total = None
+    for (sa, sb), (ta, tb) in zip(student_pairs, teacher_pairs):
+        g_s = fsp_matrix(sa, sb)
+        g_t = fsp_matrix(ta, tb)
+        _same_shape(g_s, g_t, "fsp_loss")
+        term = (g_s - g_t).pow(2).sum(dim=(1, 2)).mean()
+        total = term if total is None else total + term
+    return total
+
+
+# --------------------------------------------------------------------------- AB
+
+
+def ab_loss(student_pre_relu: torch.Tensor, teacher_pre_relu: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Heo et al. AAAI 2019 (activation boundaries), alternative loss ||rho(T)*relu(mu-S) + (1-rho(T))*relu(mu+S)||^2.
+
+    The squared norm of rho(T) * relu(mu 1 - r(S)) + (1 - rho(T)) * relu(mu 1 + r(S)).
+    student_pre_relu: r(S(I)), the connector output before ReLU; teacher_pre_relu: T(I)
+    before ReLU; same shape, (B, C, H, W) or (B, D). rho(x) = 1[x > 0], mu = `margin`.
+    The squared norm is summed over all neurons of one input and averaged over the
+    batch. Zero exactly when every student response is on the teacher's side of the
+    activation boundary by at least the margin.
+    """
+    _same_shape(student_pre_relu, teacher_pre_relu, "ab_loss")
+    active = (teacher_pre_relu > 0).to(student_pre_relu.dtype)
+    per_neuron = active * F.relu(margin - student_pre_relu) + (1.0 - active) * F.relu(margin + student_pre_relu)
+    return per_neuron.pow(2).flatten(1).sum(dim=1).mean()
+
+
+# --------------------------------------------------------------------------- FT
+
+
+def ft_loss(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: float = 1) -> torch.Tensor:
+    """Kim et al. NeurIPS 2018 (factor transfer), L_FT = || F_T/||F_T||_2 - F_S/||F_S||_2 ||_p per sample, batch mean.
+
+    student_factor, teacher_factor: the translator / paraphraser outputs, same shape,
+    (B, C, H, W) or (B, D); each is vectorised and L2-normalised per sample. p = 1 in
+    the paper. The benchmark code uses the mean absolute difference over elements,
+    which is this value (p = 1) divided by the number of elements per sample.
+    """
+    _same_shape(student_factor, teacher_factor, "ft_loss")
+    fs = F.normalize(student_factor.flatten(1), p=2, dim=1)
+    ft = F.normalize(teacher_factor.flatten(1), p=2, dim=1)
+    return torch.linalg.vector_norm(fs - ft, ord=p, dim=1).mean()
+
+
+# --------------------------------------------------------------------------- VID
+
+
+def vid_loss(
+    student_mean: torch.Tensor,
+    teacher_feat: torch.Tensor,
+    log_scale: torch.Tensor,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Ahn et al. CVPR 2019 (VID), -log q(t|s) = sum_{c,h,w} [ log sigma_c + (t - mu(s))^2 / (2 sigma_c^2) ].
+
+    student_mean: mu(s), the student-side regressor output; teacher_feat: t; both
+    (B, C, H, W) or (B, C). log_scale: (C,), the paper's alpha_c, with the
+    per-channel variance sigma_c^2 = softplus(alpha_c) + eps (it is NOT log sigma).
+    The constant (HW/2) log(2 pi) per channel is dropped, so the value can be negative.
+    Summed over channels and positions, averaged over the batch (the paper's expectation
+    over data); the benchmark code averages over every element instead, which is this
+    value divided by C*H*W. The minimum over mu(s) is at mu(s) = t; its value there is
+    sum_c (H*W/2) log sigma_c^2, not zero, since sigma is learned too.
+    """
+    _same_shape(student_mean, teacher_feat, "vid_loss")
+    c = teacher_feat.shape[1]
+    if log_scale.shape != (c,):
+        raise ValueError(f"vid_loss: log_scale must have shape ({c},), got {tuple(log_scale.shape)}")
+    var = (F.softplus(log_scale) + eps).view(1, c, *([1] * (teacher_feat.dim() - 2)))
+    nll = 0.5 * torch.log(var) + (teacher_feat - student_mean).pow(2) / (2.0 * var)
+    return nll.flatten(1).sum(dim=1).mean()
+
+
+# --------------------------------------------------------------------------- OFD
+
+
+def ofd_margin(bn_mean: torch.Tensor, bn_std: torch.Tensor) -> torch.Tensor:
+    """Heo et al. ICCV 2019 (overhaul of feature distillation), margin m = E[x | x < 0] for x ~ N(mean, std^2).
+
+    bn_mean, bn_std: (C,), the per-channel mean and standard deviation of the teacher's
+    pre-ReLU response (the paper takes them from the preceding batch-norm layer).
+    Closed form of the truncated normal: m = mean - std * phi(mean/std) / Phi(-mean/std),
+    evaluated with log Phi for stability (tends to 0 from below when mean >> std).
+    Returns (C,), every entry negative.
+    """
+    a = bn_mean / bn_std
+    log_pdf = -0.5 * a * a - 0.5 * math.log(2.0 * math.pi)
+    ratio = torch.exp(log_pdf - torch.special.log_ndtr(-a))
+    return bn_mean - bn_std * ratio
+
+
+def ofd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Heo et al. ICCV 2019 (overhaul of feature distillation), partial L2 d_p(sigma_m(T), r(S)) / B.
+
+    student_feat: r(S), the connector output, and teacher_feat: T, the teacher's pre-ReLU
+    feature, same shape (B, C, H, W) or (B, C); margin: (C,) (see `ofd_margin`),
+    broadcast over the channels. The target is the margin ReLU sigma_m(T) = max(T, m).
+    Per element the squared difference (target - S)^2 is counted except where
+    S <= target <= 0 (the teacher is negative, i.e. inactive, and the student is
+    already below it); summed over all elements and divided by the batch size.
+    """
+    _same_shape(student_feat, teacher_feat, "ofd_loss")
+    c = teacher_feat.shape[1]
+    if margin.shape != (c,):
+        raise ValueError(f"ofd_loss: margin must have shape ({c},), got {tuple(margin.shape)}")
+    m = margin.to(device=teacher_feat.device, dtype=teacher_feat.dtype).view(1, c, *([1] * (teacher_feat.dim() - 2)))
+    target = torch.maximum(teacher_feat, m)
+    skip = (student_feat <= target) & (target <= 0)
+    sq = (target - student_feat).pow(2)
+    return torch.where(skip, torch.zeros_like(sq), sq).sum() / student_feat.shape[0]
+
+
+# --------------------------------------------------------------------------- ReviewKD
+
+
+_HCL_LEVELS = (4, 2, 1)
+
+
+def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Chen et al. CVPR 2021 (ReviewKD), hierarchical context loss: pyramid-pooled MSE, summed over stage pairs.
+
+    student_feats, teacher_feats: equally long sequences of (B, C, H, W) maps, the
+    i-th student map of the i-th teacher map's shape. For one pair: the MSE (mean over
+    elements) at full resolution with weight 1, plus the MSE after adaptive average
+    pooling to 4x4, 2x2 and 1x1, the weight halving at each level used (1/2, 1/4, 1/8
+    for maps larger than 4x4); the weighted sum is divided by the sum of the weights
+    used. A pooling level l is used only when it is smaller than the map
+    (l < min(H, W)), since pooling to a size not below the map's makes no coarser
+    level (for an 8x8 map: levels 4, 2, 1; for 4x4: levels 2, 1 with weights 1/2, 1/4).
+    The paper only describes spatial pyramid pooling and a weighted sum of the level
+    losses; the levels (4, 2, 1) and the halving weights follow the authors' released
+    implementation.
+    """
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(
+            f"hcl_loss: needs the same, non-zero number of student and teacher maps "
+            f"(got {len(student_feats)} and {len(teacher_feats)})"
+        )
+    total = None
+    for fs, ft in zip(student_feats, teacher_feats):
+        _same_shape(fs, ft, "hcl_loss")
+        h, w = _spatial(fs, "hcl_loss")
+        loss = F.mse_loss(fs, ft)
+        weight, weight_sum = 1.0, 1.0
+        for level in _HCL_LEVELS:
+            if level >= min(h, w):
+                continue
+            weight /= 2.0
+            pooled_s = F.adaptive_avg_pool2d(fs, (level, level))
+            pooled_t = F.adaptive_avg_pool2d(ft, (level, level))
+            loss = loss + weight * F.mse_loss(pooled_s, pooled_t)
+            weight_sum += weight
+        term = loss / weight_sum
+        total = term if total is None else total + term
+    return total
