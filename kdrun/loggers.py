@@ -1,0 +1,94 @@
+"""Metrics to local files (always) and to Weights & Biases (rank 0, when `logger=wandb`)."""
+
+import json
+import logging
+import netrc
+import os
+import socket
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """Appends one JSON object per event to `metrics.jsonl`; mirrors it to W&B when enabled."""
+
+    def __init__(self, run_dir: str | Path | None, cfg: DictConfig | None = None, config: dict | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl" if run_dir else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a") if self.path else None
+        self.wandb = _start_wandb(cfg, config, run_dir) if cfg is not None and cfg.get("backend") == "wandb" else None
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.file:
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def summary(self, summary: dict) -> None:
+        if self.path:
+            _write_json(self.path.with_name("summary.json"), summary)
+        if self.wandb:
+            self.wandb.summary.update(summary)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+        if self.wandb:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _start_wandb(cfg: DictConfig, config: dict | None, run_dir):
+    """Start a W&B run; online only with an API key and a reachable server, never a hang."""
+    mode = cfg.mode
+    if mode == "disabled":
+        return None
+    if mode == "online":
+        reason = None if _has_api_key() else "no API key (run `wandb login` or set WANDB_API_KEY)"
+        if reason is None and not _reachable("api.wandb.ai"):
+            reason = "api.wandb.ai is unreachable"
+        if reason:
+            mode = "offline"
+            log.warning("W&B: %s; logging offline under %s/wandb; upload later with `wandb sync %s/wandb/offline-run-*`",
+                        reason, run_dir, run_dir)
+    import wandb
+
+    run = wandb.init(
+        project=cfg.project, entity=cfg.get("entity"), group=cfg.get("group"), name=cfg.get("name"),
+        tags=list(cfg.get("tags") or []), mode=mode, dir=str(run_dir) if run_dir else None, config=config,
+        reinit="finish_previous", settings=wandb.Settings(init_timeout=60, silent=True),
+    )
+    return run
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
