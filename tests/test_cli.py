@@ -15,7 +15,7 @@ from kdrun.teacher import build_model
 
 SUMMARY_KEYS = {"test/acc", "test/acc_best", "teacher/test_acc", "method", "seed", "steps", "wall_s",
                 "train/samples_per_s"}
-DIGITS = ["dataset=digits", "logger=none", "schedule.epochs=3", "schedule.batch_size=64"]
+DIGITS = ["dataset=digits", "logger=none", "schedule=sgd_cosine", "schedule.epochs=3", "schedule.batch_size=64"]
 
 
 def _runs(root):

@@ -41,7 +41,7 @@ def _net():
 
 
 def _engine(method, tmp_path, **schedule):
-    cfg = make_cfg("dataset=digits")
+    cfg = make_cfg("dataset=digits", "schedule=sgd_cosine")
     sched = OmegaConf.merge(cfg.schedule, {"epochs": 3, "optimizer": {"lr": 0.1}}, schedule)
     train, test = _loaders()
     return Engine(method, train, test, sched, cfg.trainer, run_dir=tmp_path, device="cpu")
@@ -99,7 +99,7 @@ def test_stage_without_fresh_optimizer_continues_the_schedule():
             return {"ce": F.cross_entropy(self.student(batch["image"]), batch["label"])}, {}
 
     method = Continue(_net())
-    cfg = make_cfg("dataset=digits")
+    cfg = make_cfg("dataset=digits", "schedule=sgd_cosine")
     train, test = _loaders()
     engine = Engine(method, train, test, OmegaConf.merge(cfg.schedule, {"epochs": 3}), cfg.trainer, None)
     engine.fit()
@@ -125,7 +125,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_bf16_autocast_runs_on_the_cpu(tmp_path):
-    cfg = make_cfg("dataset=digits", "trainer.precision=bf16")
+    cfg = make_cfg("dataset=digits", "schedule=sgd_cosine", "trainer.precision=bf16")
     train, test = _loaders()
     engine = Engine(Supervised(_net()), train, test, OmegaConf.merge(cfg.schedule, {"epochs": 1}), cfg.trainer, None)
     summary = engine.fit()
