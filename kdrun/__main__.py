@@ -1,3 +1,4 @@
 from kdrun.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned rank imports this module (kdrun.dist)
+    main()

@@ -1,19 +1,31 @@
 """The one training loop. It knows nothing of any method: it asks the method for its stages and,
-per batch, for its step; it owns optimisation, precision, evaluation, checkpoints and logging."""
+per batch, for its step; it owns optimisation, precision, evaluation, checkpoints and logging.
+
+Resuming: `checkpoints/last.pt` holds everything the loop's future depends on (the method's whole
+state, optimizer, LR schedule, grad scaler, stage, epoch, step, the RNG streams, the training
+loader's state at the start of the epoch and how many batches of it were trained on), written at
+each epoch's end, every `trainer.checkpoint_every_steps` steps and on SIGTERM/SIGUSR1. A resumed
+run replays the loader's draws up to that batch without training on them, so it continues exactly
+as the uninterrupted run would have.
+"""
 
 import contextlib
 import logging
 import math
+import random
+import signal
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from kdrun import checkpoint
+from kdrun import checkpoint, dist
 from kdrun.errors import KdrunError
 from kdrun.loggers import RunLogger
 from kdrun.methods.base import Method, Stage
@@ -21,38 +33,50 @@ from kdrun.methods.base import Method, Stage
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before preempting a job
 
 
-def lr_factor(schedule: DictConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+class Interrupted(Exception):
+    """Training stopped on a signal after writing `checkpoints/last.pt`."""
+
+    def __init__(self, signum: int, step: int, path: str | None):
+        super().__init__(signum, step, path)
+        self.signum, self.step, self.path = signum, step, path
+
+
+def lr_factor(schedule: DictConfig | dict, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Multiplier of the base learning rate at `step`: linear warm-up, then cosine, step or constant."""
     warmup = round(schedule.get("warmup_epochs", 0) * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
-    kind = schedule.lr_schedule
+    kind = schedule["lr_schedule"]
     if kind == "cosine":
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
     if kind == "step":
-        return schedule.gamma ** sum(step >= m * steps_per_epoch for m in schedule.milestones)
+        return schedule["gamma"] ** sum(step >= m * steps_per_epoch for m in schedule["milestones"])
     if kind == "constant":
         return 1.0
     raise KdrunError(f"unknown schedule.lr_schedule '{kind}'; use cosine, step or constant")
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext) -> dict[str, float]:
-    """Top-1 accuracy (a fraction) and mean cross-entropy of `model` over `loader`."""
+def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, ddp: bool = False) -> dict[str, float]:
+    """Top-1 accuracy (a fraction) and mean cross-entropy of `model` over `loader` (over every rank's
+    shard of it with `ddp`)."""
     was_training = model.training
     model.eval()
-    correct = loss = 0.0
-    n = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)  # correct, loss, count
     for batch in loader:
         with autocast():
             logits = model(batch["image"])
-        correct += (logits.argmax(1) == batch["label"]).sum()
-        loss += F.cross_entropy(logits.float(), batch["label"], reduction="sum")
-        n += len(batch["label"])
+        totals[0] += (logits.argmax(1) == batch["label"]).sum()
+        totals[1] += F.cross_entropy(logits.float(), batch["label"], reduction="sum")
+        totals[2] += len(batch["label"])
     model.train(was_training)
-    return {"acc": float(correct) / n, "loss": float(loss) / n}
+    if ddp:
+        dist.all_reduce_sum(totals)
+    correct, loss, n = totals.tolist()
+    return {"acc": correct / n, "loss": loss / n}
 
 
 class Engine:
@@ -60,8 +84,11 @@ class Engine:
 
     def __init__(self, method: Method, train_loader, test_loader, schedule: DictConfig, trainer: DictConfig,
                  run_dir: str | Path | None, logger: RunLogger | None = None, device="cpu",
-                 checkpoint_meta: dict | None = None, desc: str = "train"):
+                 checkpoint_meta: dict | None = None, desc: str = "train", ddp: bool = False):
+        """`ddp`: this is one rank of several (`kdrun.dist`): gradients, metrics and evaluation are
+        shared with the others; give `run_dir` and `logger` to rank 0 only."""
         self.method = method
+        method.engine = self  # its stage hooks reach the loaders, evaluation, logger and run dir
         self.train_loader = train_loader
         self.test_loader = test_loader
         self.schedule = schedule
@@ -78,10 +105,23 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "16-mixed")
         self.channels_last = bool(trainer.get("channels_last", False))
         self.max_steps = trainer.get("max_steps") or None
+        self.snapshot_epochs = set(trainer.get("snapshot_epochs") or ())  # keep checkpoints/epoch_N.pt after these
+        self.checkpoint_every = trainer.get("checkpoint_every_steps") or None
+        self.grad_clip = trainer.get("grad_clip")  # read once: a config lookup per step costs more than it seems
+        self.ddp = ddp
+        self.world = dist.world_size() if ddp else 1
         self.step = 0
         self.epoch = 0
         self.optimizer = None
         self.scheduler = None
+        # where the loop is, for last.pt: the stage, the training loader's state at the start of the
+        # epoch, the batches of the epoch trained on, and what the summary needs from earlier epochs
+        self.stage_index = 0
+        self.loader_state = None
+        self.batch_in_epoch = 0
+        self.progress = {"best_acc": -1.0, "best_epoch": None, "result": {}, "train_time": 0.0, "samples": 0,
+                         "wall_s": 0.0}
+        self.signal = None  # set by SIGTERM/SIGUSR1 while fitting
 
     # ---- helpers a method's own `step` may use -------------------------------------------------
     def autocast(self):
@@ -95,108 +135,177 @@ class Engine:
         scheduler = scheduler or self.scheduler
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        clip = self.trainer.get("grad_clip")
-        if clip:
+        if self.ddp:
+            dist.all_reduce_mean([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
+        if self.grad_clip:
             self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params or [p for g in optimizer.param_groups for p in g["params"]], clip)
+            torch.nn.utils.clip_grad_norm_(params or [p for g in optimizer.param_groups for p in g["params"]],
+                                           self.grad_clip)
         self.scaler.step(optimizer)
         self.scaler.update()
         if scheduler is not None:
             scheduler.step()
 
-    def make_optimizer(self, params, epochs: int):
-        """An optimizer from the `schedule` config and its per-step LR schedule over `epochs`."""
+    def make_optimizer(self, params, epochs: int, lr_scale: float = 1.0):
+        """An optimizer from the `schedule` config (its learning rate times `lr_scale`) and its per-step LR
+        schedule over `epochs`."""
         optimizer = instantiate(self.schedule.optimizer, params=params)
+        for group in optimizer.param_groups:
+            group["lr"] *= lr_scale
         steps_per_epoch = len(self.train_loader)
         total = epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(self.schedule, s, total, steps_per_epoch))
+        schedule = OmegaConf.to_container(self.schedule, resolve=True)  # read per step: a plain dict is far faster
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, total, steps_per_epoch))
         return optimizer, scheduler
 
     # ---- the loop --------------------------------------------------------------------------------
-    def fit(self) -> dict:
-        start = time.perf_counter()
+    def fit(self, resume: str | Path | None = None) -> dict:
+        """Run the method's stages. `resume`: a last.pt this engine wrote; training continues from there
+        exactly as if it had never stopped (see the module's docstring)."""
+        self.fit_start = start = time.perf_counter()
         method = self.method
         stages = method.stages(self.schedule.epochs)
-        best = {"acc": -1.0}
-        result = {}
-        train_time, samples = 0.0, 0
-        for i, stage in enumerate(stages):
-            if stage.fresh_optimizer or self.optimizer is None:
-                span = stage.epochs + sum(s.epochs for s in _continuations(stages, i))
-                params = stage.params if stage.params is not None else [p for p in method.parameters() if p.requires_grad]
-                self.optimizer, self.scheduler = self.make_optimizer(params, span)
-            method.on_stage_start(stage)
-            if len(stages) > 1:
-                log.info("%s: stage %d/%d '%s' (%d epochs)", self.desc, i + 1, len(stages), stage.name, stage.epochs)
-            for _ in range(stage.epochs):
-                t0 = time.perf_counter()
-                n = self._train_epoch(stage, i)
-                train_time += time.perf_counter() - t0
-                samples += n
-                self.epoch += 1
-                last_epoch = self.epoch == sum(s.epochs for s in stages) or self._done()
-                if last_epoch or self.epoch % self.trainer.get("eval_every", 1) == 0:
-                    result = {f"test/{k}": v for k, v in evaluate(method.eval_model(), self.test_loader, self.autocast).items()}
-                    self.logger.log({"epoch": self.epoch, **result}, self.step)
-                    if result["test/acc"] > best["acc"]:
-                        best = {"acc": result["test/acc"], "epoch": self.epoch}
-                        self._save("best.pt", test_acc=result["test/acc"])
-                self._save("last.pt", test_acc=result.get("test/acc"), optimizer=self.optimizer.state_dict())
+        total_epochs = sum(s.epochs for s in stages)
+        state = checkpoint.load(resume) if resume else None
+        if self.ddp and state is None:
+            dist.broadcast(method.state_dict().values())  # every rank starts from rank 0's weights
+        p = self.progress
+        with self._stop_on_signals():
+            for i, stage in enumerate(stages):
+                if state is not None and i < state["stage"]:
+                    continue
+                self.stage_index = i
+                if stage.fresh_optimizer or self.optimizer is None:
+                    self.optimizer, self.scheduler = self.make_optimizer(*self._optimizer_span(stages, i))
+                method.on_stage_start(stage)
+                if state is not None:
+                    self._restore(state)
+                    p, state = self.progress, None
+                if len(stages) > 1:
+                    log.info("%s: stage %d/%d '%s' (%d epochs)", self.desc, i + 1, len(stages), stage.name, stage.epochs)
+                while self.epoch < sum(s.epochs for s in stages[:i + 1]) and not self._done():
+                    t0 = time.perf_counter()
+                    p["samples"] += self._train_epoch(stage, i)
+                    p["train_time"] += time.perf_counter() - t0
+                    self.epoch += 1
+                    self.loader_state, self.batch_in_epoch = _loader_state(self.train_loader), 0
+                    last_epoch = self.epoch == total_epochs or self._done()
+                    snapshot = self.epoch in self.snapshot_epochs
+                    if last_epoch or snapshot or self.epoch % self.trainer.get("eval_every", 1) == 0:
+                        p["result"] = result = self._evaluate()
+                        self.logger.log({"epoch": self.epoch, **result}, self.step)
+                        if result["test/acc"] > p["best_acc"]:
+                            p["best_acc"], p["best_epoch"] = result["test/acc"], self.epoch
+                            self._save("best.pt", test_acc=result["test/acc"])
+                    self._save_last()
+                    if snapshot:
+                        self._save(f"epoch_{self.epoch}.pt", test_acc=p["result"]["test/acc"])
+                method.on_stage_end(stage)
                 if self._done():
                     break
-            method.on_stage_end(stage)
-            if self._done():
-                break
         return {
-            "test/acc": result.get("test/acc"),
-            "test/acc_best": best["acc"],
-            "test/best_epoch": best.get("epoch"),
+            "test/acc": p["result"].get("test/acc"),
+            "test/acc_best": p["best_acc"],
+            "test/best_epoch": p["best_epoch"],
             "steps": self.step,
             "epochs": self.epoch,
-            "wall_s": round(time.perf_counter() - start, 3),
-            "train/samples_per_s": round(samples / train_time, 1) if train_time else None,
+            "wall_s": round(p["wall_s"] + time.perf_counter() - start, 3),
+            "train/samples_per_s": round(p["samples"] / p["train_time"], 1) if p["train_time"] else None,
+            **method.summary(),
         }
 
     def _done(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
 
+    def _optimizer_span(self, stages: list[Stage], i: int):
+        """The parameters and epochs of the optimizer stage i trains with: its own, or, for a stage
+        that continues another's (fresh_optimizer=False), that stage's."""
+        owner = next(j for j in range(i, -1, -1) if j == 0 or stages[j].fresh_optimizer)
+        stage = stages[owner]
+        params = stage.params if stage.params is not None else [p for p in self.method.parameters() if p.requires_grad]
+        return params, stage.epochs + sum(s.epochs for s in _continuations(stages, owner)), stage.lr_scale
+
+    def _evaluate(self) -> dict[str, float]:
+        model = self.method.eval_model()
+        if self.ddp:
+            dist.broadcast(model.buffers())  # BatchNorm statistics: rank 0's, the ones checkpointed
+        return {f"test/{k}": v for k, v in evaluate(model, self.test_loader, self.autocast, self.ddp).items()}
+
     def _train_epoch(self, stage: Stage, stage_index: int) -> int:
         method = self.method
         method.train()
         log_every = self.trainer.get("log_every", 50)
-        sums: dict[str, torch.Tensor] = {}
-        count, samples = 0, 0
+        window: list[dict[str, torch.Tensor]] = []  # each step's losses and metrics since the last row
+        loss_keys: set[str] = set()
+        samples = 0
         t_log = time.perf_counter()
-        bar = tqdm(total=len(self.train_loader), desc=f"{self.desc} {self.epoch + 1}/{self.schedule.epochs}",
-                   disable=None, leave=False, dynamic_ncols=True)
         n_batches = len(self.train_loader)
+        skip, self.loader_state = self.batch_in_epoch, _loader_state(self.train_loader)
+        bar = tqdm(total=n_batches, initial=skip, desc=f"{self.desc} {self.epoch + 1}/{self.schedule.epochs}",
+                   disable=None if dist.rank() == 0 else True, leave=False, dynamic_ncols=True)
         with bar:
             for i, batch in enumerate(self.train_loader, 1):
+                if i <= skip:
+                    continue  # a resumed epoch: the loader's draws are replayed, these batches were trained on
                 if self.channels_last:
                     batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
                 losses, metrics = method.step(batch, self)
-                total = sum(losses.values()).detach()
-                for k, v in (("loss", total), *losses.items(), *metrics.items()):
-                    sums[k] = sums[k] + v.detach() if k in sums else v.detach().float()
-                count += 1
+                window.append({k: v.detach() for k, v in (*losses.items(), *metrics.items())})  # summed per row
+                loss_keys.update(losses)
                 samples += len(batch["label"])
                 self.step += 1
+                self.batch_in_epoch = i
                 bar.update()
-                end = self._done() or i == n_batches
-                if count == log_every or end:
+                save = self.checkpoint_every is not None and self.step % self.checkpoint_every == 0
+                # a signal is acted on at once by a single process, at the next row by every rank together
+                if len(window) == log_every or save or i == n_batches or self._done() or (self.signal and not self.ddp):
                     now = time.perf_counter()
-                    row = {f"train/{k}": v.item() / count for k, v in sums.items()}
+                    row, stop = self._reduce(window)
+                    row = {"train/loss": sum(row[f"train/{k}"] for k in loss_keys), **row}  # the mean of the totals
                     self._check_finite(row["train/loss"])
                     row.update({"epoch": self.epoch + i / n_batches, "train/stage": stage_index,
                                 "train/lr": self.optimizer.param_groups[0]["lr"],
-                                "train/samples_per_s": count * len(batch["label"]) / (now - t_log)})
+                                "train/samples_per_s": len(window) * len(batch["label"]) * self.world / (now - t_log)})
                     self.logger.log(row, self.step)
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", sps=f"{row['train/samples_per_s']:.0f}")
-                    sums, count, t_log = {}, 0, now
+                    window, loss_keys, t_log = [], set(), now
+                    if stop:
+                        self._save_last()
+                        path = self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None
+                        raise Interrupted(int(self.signal or signal.SIGTERM), self.step, str(path) if path else None)
+                    if save and i < n_batches:
+                        self._save_last()
                 if self._done():
                     break
-        return samples
+        return samples * self.world
+
+    def _reduce(self, window: list[dict[str, torch.Tensor]]) -> tuple[dict[str, float], bool]:
+        """The row of train/* means over the steps of `window` (and over the ranks), and whether any rank
+        got a stop signal; one host sync."""
+        names = list(dict.fromkeys(k for step in window for k in step))
+        sums = [torch.stack([step[k].float() for step in window if k in step]).sum() for k in names]
+        values = torch.stack([*sums, torch.tensor(float(bool(self.signal)), device=self.device)])
+        if self.ddp:
+            dist.all_reduce_mean([values])
+        *means, stop = values.tolist()
+        return {f"train/{k}": v / len(window) for k, v in zip(names, means)}, stop > 0
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM/SIGUSR1 (a preemption's warning) stop training after the current step, with a checkpoint."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, _frame):
+            self.signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -211,6 +320,56 @@ class Engine:
         state = {"model": model.state_dict(), **self.checkpoint_meta, "epoch": self.epoch, "step": self.step,
                  **{k: v for k, v in extra.items() if v is not None}}
         checkpoint.save(state, self.run_dir / "checkpoints" / name)
+
+    def _save_last(self) -> None:
+        """last.pt: the run's result so far and everything `_restore` needs to continue it."""
+        if self.run_dir is None:
+            return
+        self._save("last.pt", test_acc=self.progress["result"].get("test/acc"), method=self.method.state_dict(),
+                   optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                   scaler=self.scaler.state_dict(), stage=self.stage_index, batch_in_epoch=self.batch_in_epoch,
+                   loader=self.loader_state, rng=_rng_state(),
+                   progress={**self.progress, "wall_s": self.progress["wall_s"] + time.perf_counter() - self.fit_start})
+
+    def _restore(self, state: dict) -> None:
+        if "method" not in state:
+            raise KdrunError("this last.pt holds no training state (it was written before kdrun could resume); "
+                             "delete it to start the run over")
+        try:
+            self.method.load_state_dict(state["method"])
+        except RuntimeError as e:
+            raise KdrunError(f"the run dir's checkpoints/last.pt was written by a run with other models or another "
+                             f"method ({str(e).splitlines()[0]}); give this run a fresh hydra.run.dir") from e
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.progress = state["progress"]
+        if state.get("loader") is not None:
+            self.train_loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+        self.logger.rewind(self.step)
+        log.info("%s: resuming at epoch %d, step %d", self.desc, self.epoch + 1, self.step)
+
+
+def _loader_state(loader) -> dict | None:
+    """A loader's random state (its order and augmentation draws) when it can give it, for resuming."""
+    return loader.state_dict() if hasattr(loader, "state_dict") else None
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss], "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
 
 
 def _continuations(stages: list[Stage], i: int) -> list[Stage]:

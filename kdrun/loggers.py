@@ -5,6 +5,7 @@ import logging
 import netrc
 import os
 import socket
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,7 @@ class RunLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a") if self.path else None
         self.wandb = _start_wandb(cfg, config, run_dir) if cfg is not None and cfg.get("backend") == "wandb" else None
+        self.log_model = bool(cfg.get("log_model")) if cfg is not None else False
 
     def log(self, metrics: dict, step: int) -> None:
         if self.file:
@@ -28,6 +30,21 @@ class RunLogger:
             self.file.flush()
         if self.wandb:
             self.wandb.log(metrics, step=step)
+
+    def rewind(self, step: int) -> None:
+        """Forget the rows after `step` (a resumed run trains those steps again)."""
+        if self.path:
+            rows = [line for line in self.path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+            self.file.close()
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(rows))
+            tmp.replace(self.path)
+            self.file = open(self.path, "a")
+
+    def checkpoint(self, path: Path) -> None:
+        """Upload the final checkpoint to W&B as a model artifact, with `logger.log_model=true`."""
+        if self.wandb and self.log_model:
+            self.wandb.log_model(str(path), name=f"model-{self.wandb.id}")
 
     def summary(self, summary: dict) -> None:
         if self.path:
@@ -82,10 +99,18 @@ def _start_wandb(cfg: DictConfig, config: dict | None, run_dir):
                         reason, run_dir, run_dir)
     import wandb
 
+    run_id = None
+    if run_dir:  # a resumed run continues its W&B run
+        id_file = Path(run_dir) / "wandb" / "run_id"
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        if not id_file.is_file():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        run_id = id_file.read_text().strip()
     run = wandb.init(
         project=cfg.project, entity=cfg.get("entity"), group=cfg.get("group"), name=cfg.get("name"),
-        tags=list(cfg.get("tags") or []), mode=mode, dir=str(run_dir) if run_dir else None, config=config,
-        reinit="finish_previous", settings=wandb.Settings(init_timeout=60, silent=True),
+        tags=[t[:64] for t in cfg.get("tags") or []], mode=mode, dir=str(run_dir) if run_dir else None,
+        config=config, id=run_id, resume="allow" if run_id else None, reinit="finish_previous",
+        settings=wandb.Settings(init_timeout=60, silent=True),
     )
     return run
 

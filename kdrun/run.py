@@ -1,5 +1,6 @@
 """One run: compose the pieces the config names, train with the engine, write the summary."""
 
+import json
 import logging
 import random
 import time
@@ -8,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from kdrun import data as kdata
+from kdrun import cache, data as kdata, dist
+from kdrun.data import semi
 from kdrun.engine import Engine
 from kdrun.errors import KdrunError
 from kdrun.loggers import RunLogger, plain_config
@@ -37,45 +39,83 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(cfg: DictConfig, run_dir: str | Path, method_name: str | None = None) -> dict:
-    """Train `cfg`'s student with `cfg`'s method; returns the summary also written to run_dir."""
+def run(cfg: DictConfig, run_dir: str | Path, method_name: str | None = None, log_config: dict | None = None):
+    """Train `cfg`'s student with `cfg`'s method; returns the summary also written to run_dir (None on
+    ranks other than 0). A run dir holding checkpoints/last.pt is continued from there.
+
+    With `trainer.devices=N` (N > 1) outside torchrun, this starts N ranks (`kdrun.dist`), each logging
+    with `log_config` (Hydra's job logging), and waits for them.
+    """
+    devices = int(cfg.trainer.get("devices", 1))
+    if devices > 1 and not dist.launched():
+        dist.launch(run, devices, OmegaConf.create(plain_config(cfg)), str(run_dir), method_name, log_config=log_config)
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    with dist.process_group(resolve_device(str(cfg.trainer.device))) as device:
+        return _run(cfg, Path(run_dir), method_name, device)
+
+
+def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.device) -> dict | None:
     start = time.perf_counter()
-    run_dir = Path(run_dir)
+    rank, world = dist.rank(), dist.world_size()
+    if not dist.all_same(str(run_dir)):
+        raise KdrunError("the ranks were given different run dirs (torchrun starts them at different times); "
+                         "give them one with hydra.run.dir=DIR")
+    if cfg.schedule.batch_size % world:
+        raise KdrunError(f"schedule.batch_size={cfg.schedule.batch_size} (the global batch) does not split into "
+                         f"{world} equal parts; choose a multiple of {world}")
     seed_everything(cfg.seed)
-    device = resolve_device(str(cfg.trainer.device))
-    data = kdata.build(cfg.dataset)
     method_cls = get_class(cfg.method._target_)
-    teacher, teacher_acc = get_teacher(cfg, data, device) if method_cls.needs_teacher else (None, None)
+    with dist.rank_zero_first():  # a download, or a teacher to train, happens once
+        data = kdata.build(cfg.dataset)
+        teacher, teacher_acc = get_teacher(cfg, data, device) if method_cls.needs_teacher else (None, None)
 
     seed_everything(cfg.seed)  # the student's start does not depend on whether the teacher was cached
     student = build_model(cfg.student, data)
+    if method_cls.trains_teacher:  # e.g. meta pseudo labels: an untrained teacher, built after the student
+        teacher = build_model(cfg.teacher, data)
     if teacher is not None:
         _check_classes(teacher, student, data)
-    method = instantiate(cfg.method, _partial_=True)(student=student, teacher=teacher).to(device)
+    method = instantiate(cfg.method, _partial_=True)(student=student, teacher=teacher)
+    method.setup(data)  # what depends on the data: feature connectors, CRD's memory bank
+    method.to(device)
     if cfg.trainer.get("channels_last"):
         method.to(memory_format=torch.channels_last)
     if cfg.trainer.get("compile"):
         student.compile()
+    with dist.rank_zero_first():
+        views = cache.training_views(method, data, cfg, device)
     train_loader, test_loader = kdata.loaders(data, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
-                                              seed=cfg.seed, num_workers=cfg.trainer.num_workers)
-    logger = RunLogger(run_dir, cfg.logger, plain_config(cfg))
+                                              seed=cfg.seed, num_workers=cfg.trainer.num_workers, views=views,
+                                              rank=rank, world_size=world)
+    if method.unlabeled is not None:  # unlabeled batches beside the labeled ones (kdrun/data/semi.py)
+        train_loader = semi.loader(data, method.unlabeled, cfg.schedule.batch_size, device, cfg.seed, world)
+    main = rank == 0
+    last = run_dir / "checkpoints" / "last.pt"
+    resume = last if last.is_file() else None
+    logger = RunLogger(run_dir, cfg.logger, plain_config(cfg)) if main else RunLogger(None)
+    if main and data.split is not None:
+        data.split.save(run_dir / "split.json")
     try:
-        engine = Engine(method, train_loader, test_loader, cfg.schedule, cfg.trainer, run_dir=run_dir, logger=logger,
-                        device=device, checkpoint_meta={"arch": arch(cfg.student, data)})
-        summary = engine.fit()
+        engine = Engine(method, train_loader, test_loader, cfg.schedule, cfg.trainer, run_dir=run_dir if main else None,
+                        logger=logger, device=device, checkpoint_meta={"arch": arch(cfg.student, data)}, ddp=world > 1)
+        setup_s = time.perf_counter() - start
+        summary = engine.fit(resume=resume)
+        if not main:
+            return None
         summary = {
             **summary,
             "teacher/test_acc": teacher_acc,
             "method": method_name or type(method).__name__.lower(),
             "dataset": data.name,
             "student": cfg.student.name,
-            "teacher": cfg.teacher.name if teacher is not None else None,
+            "teacher": (getattr(teacher, "name", None) or cfg.teacher.name) if teacher is not None else None,
             "student/params": n_params(student),
             "teacher/params": n_params(teacher) if teacher is not None else None,
             "seed": cfg.seed,
-            "wall_s": round(time.perf_counter() - start, 3),
+            "wall_s": round(setup_s + summary["wall_s"], 3),  # summed over the sessions of a resumed run
         }
         logger.summary(summary)
+        logger.checkpoint(last)
     finally:
         logger.close()
     return summary

@@ -2,16 +2,20 @@
 
 A teacher trained here is cached under `paths.cache_dir/teachers/<key>/`, the key a hash of
 everything that determines it (dataset, architecture, schedule, seed, step limit, precision),
-so the next run with the same teacher reuses it at once.
+so the next run with the same teacher reuses it at once. `teacher.snapshot_epochs` keeps its weights
+after chosen epochs too, and `teacher.checkpoint=epoch_N` names one: an early-stopped teacher.
 """
 
 import hashlib
 import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrun import checkpoint, data as kdata, models
 from kdrun.engine import Engine, evaluate
@@ -21,10 +25,15 @@ from kdrun.methods.supervised import Supervised
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT = re.compile(r"epoch_(\d+)")  # teacher.checkpoint=epoch_N: the snapshot after epoch N
+
 
 def build_model(cfg: DictConfig, data: kdata.Data) -> torch.nn.Module:
     """A model preset (the `teacher` or `student` group) at the dataset's classes and channels."""
     kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True)
+    for key in ("drop_rate", "drop_path_rate"):  # a noised student; kdrun's own nets call dropout `dropout`
+        if cfg.get(key):
+            kwargs["dropout" if key == "drop_rate" and cfg.name in models.list_models() else key] = cfg[key]
     return models.create(cfg.name, data.num_classes, in_chans=data.in_chans, pretrained=cfg.get("pretrained", False), **kwargs)
 
 
@@ -38,6 +47,7 @@ def cache_key(cfg: DictConfig) -> str:
     """A short hash of what determines a trained teacher; paths and download flags do not count."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset["source"] = {k: v for k, v in dataset["source"].items() if k not in ("root", "download")}
+    split = {k: dataset.pop(k, None) for k in ("labeled_per_class", "labeled_fraction", "split_seed")}
     schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
     schedule["epochs"] = cfg.teacher.epochs
     what = {
@@ -45,19 +55,26 @@ def cache_key(cfg: DictConfig) -> str:
         "teacher": {k: OmegaConf.to_container(cfg.teacher, resolve=True).get(k) for k in ("name", "kwargs", "pretrained")},
         "max_steps": cfg.trainer.get("max_steps"), "precision": str(cfg.trainer.precision),
     }
+    if split["labeled_per_class"] is not None or split["labeled_fraction"] is not None:
+        what["split"] = split  # trained on the labeled part only
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Module, float]:
-    """The teacher for this run and its test accuracy."""
+    """The teacher for this run and its test accuracy (for `teachers=[...]`, their Ensemble's)."""
+    if cfg.get("teachers"):
+        return get_teachers(cfg, data, device)
     teacher = build_model(cfg.teacher, data)
-    if cfg.teacher.get("checkpoint"):
-        saved = checkpoint.load(cfg.teacher.checkpoint).get("arch", {})
+    source = cfg.teacher.get("checkpoint")
+    if source and SNAPSHOT.fullmatch(str(source)):
+        source = snapshot(cfg, data, device, int(SNAPSHOT.fullmatch(str(source))[1]))
+    if source:
+        saved = checkpoint.load(source).get("arch", {})
         if saved.get("num_classes", data.num_classes) != data.num_classes:
-            raise KdrunError(f"the teacher checkpoint {cfg.teacher.checkpoint} predicts {saved['num_classes']} classes "
+            raise KdrunError(f"the teacher checkpoint {source} predicts {saved['num_classes']} classes "
                              f"({saved.get('dataset')}) but {data.name} has {data.num_classes}; give a teacher trained "
                              "on this dataset, or leave teacher.checkpoint unset to train one")
-        ckpt = checkpoint.load_weights(teacher, cfg.teacher.checkpoint, what="teacher")
+        ckpt = checkpoint.load_weights(teacher, source, what="teacher")
         teacher.to(device)
         acc = ckpt.get("test_acc") if ckpt.get("arch", {}).get("dataset") == data.name else None
         if acc is None:
@@ -73,22 +90,85 @@ def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mod
         return teacher.to(device), ckpt["test_acc"]
     log.info("teacher: none given (teacher.checkpoint); training %s on %s for %d epochs with method=supervised, "
              "cached in %s", cfg.teacher.name, data.name, cfg.teacher.epochs, path.parent)
-    teacher.to(device)
+    teacher, summary = _train(cfg, data, device, path.parent, cfg.teacher.get("snapshot_epochs") or [])
+    meta = {"arch": arch(cfg.teacher, data)}
+    checkpoint.save({"model": teacher.state_dict(), **meta, "test_acc": summary["test/acc"], "summary": summary}, path)
+    log.info("teacher: test acc %.4f after %d steps (%.0f s)", summary["test/acc"], summary["steps"], summary["wall_s"])
+    return teacher, summary["test/acc"]
+
+
+def snapshot(cfg: DictConfig, data: kdata.Data, device, epoch: int) -> Path:
+    """The checkpoint, after `epoch` of its `teacher.epochs`, of the teacher kdrun trains and caches: an
+    early-stopped teacher (Cho & Hariharan 2019). Missing from the cache, it is made by replaying that
+    training up to `epoch` (the same seed, data order and LR schedule)."""
+    directory = Path(cfg.paths.cache_dir).expanduser() / "teachers" / cache_key(cfg)
+    path = directory / "checkpoints" / f"epoch_{epoch}.pt"
+    if path.is_file():
+        return path
+    if not 0 < epoch <= cfg.teacher.epochs:
+        raise KdrunError(f"teacher.checkpoint=epoch_{epoch} but the teacher trains for {cfg.teacher.epochs} epochs "
+                         f"(teacher.epochs); name an epoch in 1..{cfg.teacher.epochs}")
+    log.info("teacher: training %s on %s up to epoch %d of %d (teacher.checkpoint=epoch_%d), kept in %s",
+             cfg.teacher.name, data.name, epoch, cfg.teacher.epochs, epoch, path.parent)
+    replay = directory / f".replay-{os.getpid()}"
+    try:
+        _train(cfg, data, device, replay, [epoch], stop_epoch=epoch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(replay / "checkpoints" / path.name, path)
+    finally:
+        shutil.rmtree(replay, ignore_errors=True)
+    return path
+
+
+def _train(cfg: DictConfig, data: kdata.Data, device, run_dir: Path, snapshot_epochs, stop_epoch: int | None = None):
+    """Train the teacher with method=supervised for teacher.epochs (or up to `stop_epoch`); the model and summary."""
+    torch.manual_seed(cfg.teacher.seed)  # the teacher's start depends on teacher.seed alone, as its cache key does
+    teacher = build_model(cfg.teacher, data).to(device)
     torch.manual_seed(cfg.teacher.seed)
     train_loader, test_loader = kdata.loaders(data, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
                                               seed=cfg.teacher.seed, num_workers=cfg.trainer.num_workers)
     schedule = OmegaConf.merge(cfg.schedule, {"epochs": cfg.teacher.epochs})
-    method = Supervised(teacher).to(device)
-    meta = {"arch": arch(cfg.teacher, data)}
-    logger = RunLogger(path.parent)
+    trainer = OmegaConf.merge(cfg.trainer, {"snapshot_epochs": list(snapshot_epochs)})
+    if stop_epoch is not None:
+        trainer.max_steps = min(s for s in (cfg.trainer.get("max_steps"), stop_epoch * len(train_loader)) if s)
+    logger = RunLogger(run_dir)
     try:
-        summary = Engine(method, train_loader, test_loader, schedule, cfg.trainer, run_dir=path.parent, logger=logger,
-                         device=device, checkpoint_meta=meta, desc="teacher").fit()
+        summary = Engine(Supervised(teacher).to(device), train_loader, test_loader, schedule, trainer, run_dir=run_dir,
+                         logger=logger, device=device, checkpoint_meta={"arch": arch(cfg.teacher, data)},
+                         desc="teacher").fit()
     finally:
         logger.close()
-    checkpoint.save({"model": teacher.state_dict(), **meta, "test_acc": summary["test/acc"], "summary": summary}, path)
-    log.info("teacher: test acc %.4f after %d steps (%.0f s)", summary["test/acc"], summary["steps"], summary["wall_s"])
-    return teacher, summary["test/acc"]
+    return teacher, summary
+
+
+def get_teachers(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Module, float]:
+    """`teachers=[...]`: each entry a teacher preset name (conf/teacher) or a teacher config; each is obtained
+    like a single teacher (checkpoint, cache or training) and they are returned as one Ensemble."""
+    from importlib.resources import files
+
+    from kdrun.methods.multi_teacher import Ensemble
+
+    presets = files("kdrun.conf") / "teacher"
+    members, names = [], []
+    for entry in cfg.teachers:
+        if isinstance(entry, str):
+            if not (presets / f"{entry}.yaml").is_file():
+                known = sorted(p.name[:-5] for p in presets.iterdir() if p.name.endswith(".yaml"))
+                raise KdrunError(f"teachers=[...] names '{entry}', which is not a teacher preset; use one of "
+                                 f"{', '.join(known)}, or a teacher config such as {{name: resnet8}}")
+            entry = OmegaConf.load(presets / f"{entry}.yaml")
+        member = OmegaConf.to_container(cfg.teacher)  # a member inherits epochs and seed, not the architecture
+        member.update(name=None, kwargs={}, checkpoint=None, pretrained=False)
+        member = OmegaConf.merge(member, entry)
+        sub = cfg.copy()
+        with open_dict(sub):
+            sub.teachers = []
+            sub.teacher = member
+        teacher, _ = get_teacher(sub, data, device)
+        members.append(teacher)
+        names.append(member.name)
+    ensemble = Ensemble(members, names).to(device)
+    return ensemble, evaluate(ensemble, _test_loader(cfg, data, device))["acc"]
 
 
 def _test_loader(cfg: DictConfig, data: kdata.Data, device):

@@ -17,14 +17,17 @@ from kdrun.losses import (
     at_loss,
     attention_map,
     cc_loss,
+    crd_nce_loss,
     dist_loss,
     dkd_loss,
+    ensemble_kd_loss,
     fsp_loss,
     fsp_matrix,
     ft_loss,
     hcl_loss,
     hint_loss,
     kd_loss,
+    kdsvd_loss,
     nst_loss,
     ofd_loss,
     ofd_margin,
@@ -724,6 +727,9 @@ CASES = {
     "vid": (lambda s, t: vid_loss(s[0], t[0], s[1]), [(4, 3, 2, 2), (3,)], [(4, 3, 2, 2)]),
     "ofd": (lambda s, t: ofd_loss(s[0], t[0], MARGIN), [(4, 3, 2, 2)], [(4, 3, 2, 2)]),
     "hcl": (lambda s, t: hcl_loss([s[0]], [t[0]]), [(4, 2, 8, 8)], [(4, 2, 8, 8)]),
+    "at_squared": (lambda s, t: at_loss(s[0], t[0], squared=True), [(4, 3, 4, 4)], [(4, 5, 4, 4)]),
+    "ensemble_kd": (lambda s, t: ensemble_kd_loss(s[0], t[0], 4.0), [(4, 5)], [(3, 4, 5)]),
+    "kdsvd": (lambda s, t: kdsvd_loss(s, t), [(4, 3, 3, 3), (4, 2, 2, 2)], [(4, 3, 3, 3), (4, 2, 2, 2)]),
 }
 
 
@@ -775,3 +781,99 @@ def test_float32_inputs():
     for loss in [at_loss(s, t), sp_loss(s, t), nst_loss(s, t), rkd_angle_loss(s, t), pkt_loss(s, t)]:
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert ofd_loss(s, t, torch.tensor([-0.5, -0.5, -0.5], dtype=DT)).dtype == torch.float32
+
+
+# ----------------------------------------------------------------- benchmark normalisations
+
+
+def test_at_squared_hand():
+    per = [sum(v * v for v in sub(hand_attention(s, 2), hand_attention(t, 2))) / 4 for s, t in zip(S_MAP, T_MAP)]
+    close(at_loss(tensor(S_MAP), tensor(T_MAP), squared=True), sum(per) / 2)
+
+
+def test_mean_reductions_rescale_the_paper_forms():
+    s, t = randn(4, 3, seed=60), randn(4, 5, seed=61)
+    close(pkt_loss(s, t, reduction="mean"), float(pkt_loss(s, t)) / 4)
+    mu, tv = randn(2, 3, 2, 2, seed=62), randn(2, 3, 2, 2, seed=63)
+    alpha = tensor([-1.0, 0.5, 2.0])
+    close(vid_loss(mu, tv, alpha, reduction="mean"), float(vid_loss(mu, tv, alpha)) / 12)
+    a, b = randn(3, 2, 2, 2, seed=64), randn(3, 2, 2, 2, seed=65)
+    close(ft_loss(a, b, reduction="mean"), float(ft_loss(a, b)) / 8)
+    pairs_s = [(randn(2, 2, 3, 3, seed=66), randn(2, 3, 3, 3, seed=67))]
+    pairs_t = [(randn(2, 2, 3, 3, seed=68), randn(2, 3, 3, 3, seed=69))]
+    close(fsp_loss(pairs_s, pairs_t, reduction="mean"), float(fsp_loss(pairs_s, pairs_t)) / 6)
+    with pytest.raises(ValueError, match="reduction"):
+        pkt_loss(s, t, reduction="sum")
+
+
+# ----------------------------------------------------------------- CRD
+
+
+def test_crd_nce_hand():
+    pos, neg = [0.5, 2.0], [[0.1, 0.3, 0.05], [1.0, 0.2, 0.4]]
+    noise, eps = 3 / 6, 1e-7  # N / M with N = 3 negatives, M = 6 training samples
+    expected = 0.0
+    for p, row in zip(pos, neg):
+        expected -= math.log(p / (p + noise + eps)) + sum(math.log(noise / (q + noise + eps)) for q in row)
+    close(crd_nce_loss(tensor(pos), tensor(neg), 6), expected / 2)
+
+
+def test_crd_nce_rewards_a_separating_critic_and_checks_shapes():
+    good = crd_nce_loss(tensor([50.0, 40.0]), tensor([[1e-5, 2e-5], [1e-5, 1e-5]]), 100)
+    bad = crd_nce_loss(tensor([1e-3, 2e-3]), tensor([[50.0, 40.0], [30.0, 20.0]]), 100)
+    assert 0 <= float(good) < 0.1 < float(bad)
+    pos = randn(3, seed=70).exp().requires_grad_(True)
+    neg = randn(3, 4, seed=71).exp().requires_grad_(True)
+    crd_nce_loss(pos, neg, 50).backward()
+    assert (pos.grad < 0).all() and (neg.grad > 0).all()  # raise the positive's score, lower the negatives'
+    with pytest.raises(ValueError):
+        crd_nce_loss(randn(3), randn(2, 4), 10)
+
+
+# ----------------------------------------------------------------- ensemble KD
+
+
+def test_ensemble_kd_hand():
+    s, t = [[1.0, 0.0, -1.0]], [[[2.0, 0.0, 0.0]], [[0.0, 1.0, 3.0]]]
+    temp, w = 2.0, [0.25, 0.75]
+
+    def softmax(z):
+        e = [math.exp(v / temp) for v in z]
+        return [v / sum(e) for v in e]
+
+    target = [sum(wm * softmax(tm[0])[k] for wm, tm in zip(w, t)) for k in range(3)]
+    ps = softmax(s[0])
+    expected = temp**2 * sum(q * math.log(q / p) for q, p in zip(target, ps))
+    close(ensemble_kd_loss(tensor(s), tensor(t), temp, tensor(w)), expected)
+    uniform = ensemble_kd_loss(tensor(s), tensor(t), temp)
+    close(uniform, float(ensemble_kd_loss(tensor(s), tensor(t), temp, tensor([0.5, 0.5]))))
+    close(ensemble_kd_loss(tensor(s), tensor([s]), temp), float(kd_loss(tensor(s), tensor(s), temp)))
+
+
+# ----------------------------------------------------------------- KD-SVD
+
+
+def _svd_map(theta):
+    """A (1, 2, 1, 2) map whose (H*W, C) matrix has singular values 3, 1 and top right singular vector
+    (cos theta, sin theta): x = diag(3, 1) V^T with V the rotation by theta."""
+    c, s = math.cos(theta), math.sin(theta)
+    x = [[3 * c, 3 * s], [-s, c]]  # rows: positions, columns: channels
+    return tensor([[[[x[0][0], x[1][0]]], [[x[0][1], x[1][1]]]]])
+
+
+def test_kdsvd_hand():
+    # Teacher: both layers have top vector e1. Student: layer 1 e1, layer 2 (cos 30deg, sin 30deg). The
+    # alignment puts every vector in the teacher's sign convention, the same for both teacher layers.
+    theta = math.pi / 6
+    u1, u2, e1 = [1.0, 0.0], [math.cos(theta), math.sin(theta)], [1.0, 0.0]
+
+    def rbf(a, b):
+        return [[math.exp(-((a[c] - b[d]) ** 2) / 8) for d in range(2)] for c in range(2)]
+
+    g_s, g_t = rbf(u2, u1), rbf(e1, e1)
+    expected = sum((g_s[c][d] - g_t[c][d]) ** 2 for c in range(2) for d in range(2))
+    teacher = [_svd_map(0.0), _svd_map(0.0)]
+    close(kdsvd_loss([_svd_map(0.0), _svd_map(theta)], teacher), expected, 1e-7)
+    close(kdsvd_loss(teacher, [x.clone() for x in teacher]), 0.0)
+    with pytest.raises(ValueError, match="channel"):
+        kdsvd_loss([randn(1, 3, 2, 2), randn(1, 3, 2, 2)], [randn(1, 2, 2, 2), randn(1, 3, 2, 2)])

@@ -140,13 +140,16 @@ def test_pretrained_helpers_resize_head_and_sum_rgb_filters() -> None:
 
     from kdrun.models import _adapt_first_conv, _replace_head
 
-    model = torchvision.models.resnet18(weights=None)
-    rgb = model.conv1.weight.detach().clone()
-    _adapt_first_conv(model, "resnet18", 1, pretrained=True)
-    _replace_head(model, "resnet18", 1000, 7)
-    assert torch.equal(model.conv1.weight, rgb.sum(dim=1, keepdim=True))
-    assert model.fc.out_features == 7
+    model = torchvision.models.squeezenet1_1(weights=None)  # its head is a 1x1 conv
+    rgb = model.features[0].weight.detach().clone()
+    _adapt_first_conv(model, "squeezenet1_1", 1, pretrained=True)
+    _replace_head(model, "squeezenet1_1", 1000, 7)
+    assert torch.equal(model.features[0].weight, rgb.sum(dim=1, keepdim=True))
+    assert model.classifier[1].out_channels == 7
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    model = torchvision.models.mobilenet_v3_small(weights=None)  # its head is the last of several Linears
+    _replace_head(model, "mobilenet_v3_small", 1000, 7)
+    assert (model.classifier[0].out_features, model.classifier[3].out_features) == (1024, 7)
 
 
 def test_timm_model_with_one_channel() -> None:

@@ -4,11 +4,12 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from kdrun.data.loaders import BatchAugment, FolderLoader, Normalize, TensorLoader
+from kdrun.data.loaders import BatchAugment, FolderLoader, Normalize, TensorLoader, Views
 from kdrun.data.sources import InMemory, Splits
+from kdrun.data.semi import Split, split
 from kdrun.errors import instantiate
 
-__all__ = ["Data", "build", "loaders"]
+__all__ = ["Data", "Views", "build", "folder_transforms", "loaders", "train_augment"]
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Data:
     mean: list[float]
     std: list[float]
     augment: dict
+    split: Split | None = None  # the labeled/unlabeled split, when dataset.labeled_* asks for one
 
     @property
     def num_classes(self) -> int:
@@ -41,28 +43,38 @@ def build(cfg: DictConfig) -> Data:
     std = list(cfg.std) if cfg.get("std") else [0.5] * splits.in_chans
     if len(mean) != splits.in_chans:  # a grey-scale dataset read as RGB, or the reverse
         mean, std = [sum(mean) / len(mean)] * splits.in_chans, [sum(std) / len(std)] * splits.in_chans
-    return Data(cfg.name, splits, mean, std, dict(cfg.get("augment") or {}))
+    return split(Data(cfg.name, splits, mean, std, dict(cfg.get("augment") or {})), cfg)
 
 
-def loaders(data: Data, batch_size: int, eval_batch_size: int, device, seed: int, num_workers: int = 0):
-    """The shuffled, augmented training loader and the plain test loader."""
+def train_augment(data: Data) -> BatchAugment:
+    """The batched training augmentation of an in-memory dataset."""
+    return BatchAugment(data.augment.get("crop_padding", 0), data.augment.get("flip", False))
+
+
+def loaders(data: Data, batch_size: int, eval_batch_size: int, device, seed: int, num_workers: int = 0,
+            views: Views = Views(), rank: int = 0, world_size: int = 1):
+    """The shuffled, augmented training loader (carrying the method's `views`) and the plain test loader;
+    with several ranks, this rank's share of both (the batch sizes are global)."""
     normalize = Normalize(data.mean, data.std, device)
     train, test = data.splits.train, data.splits.test
+    shard = {"rank": rank, "world_size": world_size}
     if isinstance(train, InMemory):
-        augment = BatchAugment(data.augment.get("crop_padding", 0), data.augment.get("flip", False))
         return (
-            TensorLoader(train, batch_size, normalize, device, shuffle=True, drop_last=True, augment=augment, seed=seed),
-            TensorLoader(test, eval_batch_size, normalize, device),
+            TensorLoader(train, batch_size, normalize, device, shuffle=True, drop_last=True,
+                         augment=train_augment(data), seed=seed, views=views, **shard),
+            TensorLoader(test, eval_batch_size, normalize, device, **shard),
         )
-    train_tf, test_tf = _folder_transforms(data)
+    train_tf, test_tf = folder_transforms(data)
+    teacher_tf = None if views.cached else {"independent": train_tf, "clean": test_tf}.get(views.teacher)
     return (
         FolderLoader(train, train_tf, batch_size, normalize, device, shuffle=True, drop_last=True,
-                     num_workers=num_workers, seed=seed),
-        FolderLoader(test, test_tf, eval_batch_size, normalize, device, num_workers=num_workers),
+                     num_workers=num_workers, seed=seed, teacher_transform=teacher_tf, mixup_alpha=views.mixup_alpha,
+                     **shard),
+        FolderLoader(test, test_tf, eval_batch_size, normalize, device, num_workers=num_workers, **shard),
     )
 
 
-def _folder_transforms(data: Data):
+def folder_transforms(data: Data):
     from torchvision import transforms as T
 
     size = data.image_size

@@ -51,6 +51,14 @@ def _same_spatial(student: torch.Tensor, teacher: torch.Tensor, what: str) -> No
         )
 
 
+REDUCTIONS = ("batchmean", "mean")
+
+
+def _check_reduction(reduction: str, what: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{what}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 # --------------------------------------------------------------------------- FitNets
 
 
@@ -81,7 +89,9 @@ def attention_map(feat: torch.Tensor, p: float = 2) -> torch.Tensor:
     return F.normalize(q, p=2, dim=1)
 
 
-def at_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p: float = 2) -> torch.Tensor:
+def at_loss(
+    student_feat: torch.Tensor, teacher_feat: torch.Tensor, p: float = 2, squared: bool = False
+) -> torch.Tensor:
     """Zagoruyko & Komodakis ICLR 2017 (AT), eq. (2): || Q_S/||Q_S||_2 - Q_T/||Q_T||_2 ||_2 per sample, batch mean.
 
     student_feat: (B, C_s, H, W), teacher_feat: (B, C_t, H, W); channel counts may
@@ -91,11 +101,14 @@ def at_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p: float = 2
     that norm as ||.||_p and the experiments use p = 2 for both the map exponent and
     the norm; here the norm is always the 2-norm and `p` only sets the map exponent.
     The benchmark code instead uses the mean over positions of the SQUARED difference,
-    i.e. ||.||_2^2 / (H*W); the two differ in value and in gradient. The paper's factor
-    beta/2 and the sum over layer pairs are the caller's.
+    i.e. ||.||_2^2 / (H*W); the two differ in value and in gradient. `squared=True` returns
+    that form, the one the authors' code and the CRD benchmark weight (beta = 1000) use.
+    The paper's factor beta/2 and the sum over layer pairs are the caller's.
     """
     _same_spatial(student_feat, teacher_feat, "at_loss")
     diff = attention_map(student_feat, p) - attention_map(teacher_feat, p)
+    if squared:
+        return diff.pow(2).mean()
     return torch.linalg.vector_norm(diff, ord=2, dim=1).mean()
 
 
@@ -178,7 +191,7 @@ def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- PKT
 
 
-def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7, reduction: str = "batchmean") -> torch.Tensor:
     """Passalis & Tefas ECCV 2018 (PKT), cosine-kernel conditional probabilities and KL(teacher || student).
 
     s: (B, D_s), t: (B, D_t) (more dimensions are flattened), B >= 2.
@@ -187,9 +200,11 @@ def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tenso
     sum_i sum_{j != i} p^t_{j|i} log(p^t_{j|i} / p^s_{j|i}); this returns that divided by
     B (a batch mean of per-sample KL divergences). `eps` guards the vector norms and
     the logarithms. The official code keeps the self-pairs and averages over all B^2
-    entries, so its values are about 1/B of these.
+    entries, so its values are about 1/B of these; `reduction="mean"` divides by B^2
+    instead of B, the benchmark's normalisation (for which its weight 30000 was chosen).
     """
     _same_batch(s, t, "pkt_loss")
+    _check_reduction(reduction, "pkt_loss")
     _min_batch(s, 2, "pkt_loss")
     b = s.shape[0]
     off_diag = 1.0 - torch.eye(b, dtype=s.dtype, device=s.device)
@@ -202,7 +217,8 @@ def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tenso
 
     p_s = conditional(s)
     p_t = conditional(t)
-    return (p_t * (torch.log(p_t + eps) - torch.log(p_s + eps))).sum() / b
+    total = (p_t * (torch.log(p_t + eps) - torch.log(p_s + eps))).sum()
+    return total / (b * b) if reduction == "mean" else total / b
 
 
 # --------------------------------------------------------------------------- CC
@@ -269,6 +285,7 @@ def fsp_matrix(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
 def fsp_loss(
     student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     teacher_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    reduction: str = "batchmean",
 ) -> torch.Tensor:
     """Yim et al. CVPR 2017 (FSP), eq. (2): 1/N sum_x sum_i lambda_i ||G_i^T(x) - G_i^S(x)||_2^2, lambda_i = 1.
 
@@ -276,8 +293,10 @@ def fsp_loss(
     pairs, see `fsp_matrix`; the i-th student FSP matrix must have the i-th teacher's
     shape. ||.||_2^2 is the sum of the squared entries of the C1 x C2 matrix; it is
     averaged over the batch (1/N) and SUMMED over the pairs (the paper sets all
-    lambda_i equal; the common weight is the caller's).
+    lambda_i equal; the common weight is the caller's). `reduction="mean"` also averages
+    over the C1 x C2 entries, as the CRD benchmark's FSP code does.
     """
+    _check_reduction(reduction, "fsp_loss")
     if len(student_pairs) != len(teacher_pairs) or not student_pairs:
         raise ValueError(
             f"fsp_loss: needs the same, non-zero number of student and teacher pairs "
@@ -288,7 +307,8 @@ def fsp_loss(
         g_s = fsp_matrix(sa, sb)
         g_t = fsp_matrix(ta, tb)
         _same_shape(g_s, g_t, "fsp_loss")
-        term = (g_s - g_t).pow(2).sum(dim=(1, 2)).mean()
+        sq = (g_s - g_t).pow(2)
+        term = sq.mean() if reduction == "mean" else sq.sum(dim=(1, 2)).mean()
         total = term if total is None else total + term
     return total
 
@@ -315,17 +335,23 @@ def ab_loss(student_pre_relu: torch.Tensor, teacher_pre_relu: torch.Tensor, marg
 # --------------------------------------------------------------------------- FT
 
 
-def ft_loss(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: float = 1) -> torch.Tensor:
+def ft_loss(
+    student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: float = 1, reduction: str = "batchmean"
+) -> torch.Tensor:
     """Kim et al. NeurIPS 2018 (factor transfer), L_FT = || F_T/||F_T||_2 - F_S/||F_S||_2 ||_p per sample, batch mean.
 
     student_factor, teacher_factor: the translator / paraphraser outputs, same shape,
     (B, C, H, W) or (B, D); each is vectorised and L2-normalised per sample. p = 1 in
     the paper. The benchmark code uses the mean absolute difference over elements,
-    which is this value (p = 1) divided by the number of elements per sample.
+    which is this value (p = 1) divided by the number of elements per sample;
+    `reduction="mean"` returns the mean over elements of |difference|^p (that value for p = 1).
     """
     _same_shape(student_factor, teacher_factor, "ft_loss")
+    _check_reduction(reduction, "ft_loss")
     fs = F.normalize(student_factor.flatten(1), p=2, dim=1)
     ft = F.normalize(teacher_factor.flatten(1), p=2, dim=1)
+    if reduction == "mean":
+        return (fs - ft).abs().pow(p).mean()
     return torch.linalg.vector_norm(fs - ft, ord=p, dim=1).mean()
 
 
@@ -337,6 +363,7 @@ def vid_loss(
     teacher_feat: torch.Tensor,
     log_scale: torch.Tensor,
     eps: float = 1e-5,
+    reduction: str = "batchmean",
 ) -> torch.Tensor:
     """Ahn et al. CVPR 2019 (VID), -log q(t|s) = sum_{c,h,w} [ log sigma_c + (t - mu(s))^2 / (2 sigma_c^2) ].
 
@@ -348,13 +375,17 @@ def vid_loss(
     over data); the benchmark code averages over every element instead, which is this
     value divided by C*H*W. The minimum over mu(s) is at mu(s) = t; its value there is
     sum_c (H*W/2) log sigma_c^2, not zero, since sigma is learned too.
+    `reduction="mean"` averages over every element (the benchmark's form, weight 1 per layer).
     """
     _same_shape(student_mean, teacher_feat, "vid_loss")
+    _check_reduction(reduction, "vid_loss")
     c = teacher_feat.shape[1]
     if log_scale.shape != (c,):
         raise ValueError(f"vid_loss: log_scale must have shape ({c},), got {tuple(log_scale.shape)}")
     var = (F.softplus(log_scale) + eps).view(1, c, *([1] * (teacher_feat.dim() - 2)))
     nll = 0.5 * torch.log(var) + (teacher_feat - student_mean).pow(2) / (2.0 * var)
+    if reduction == "mean":
+        return nll.mean()
     return nll.flatten(1).sum(dim=1).mean()
 
 
@@ -439,4 +470,81 @@ def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torc
             weight_sum += weight
         term = loss / weight_sum
         total = term if total is None else total + term
+    return total
+
+
+# --------------------------------------------------------------------------- CRD
+
+
+def crd_nce_loss(pos: torch.Tensor, neg: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """Tian et al. ICLR 2020 (CRD), eq. (18): the NCE objective on one critic, negated and averaged over the batch.
+
+    pos: (B,) and neg: (B, N), the critic's unnormalised scores P = exp(f_T . f_S / tau) / Z of each
+    anchor's positive pair and of its N negatives (Z the normalising constant, estimated by the caller).
+    With the noise distribution uniform over the M = `num_data` training samples,
+    h(x) = P(x) / (P(x) + N / M); the loss is -(log h(pos) + sum_j log(1 - h(neg_j))), batch mean.
+    `eps` guards the divisions, as in the authors' code.
+    """
+    if pos.dim() != 1 or neg.dim() != 2 or neg.shape[0] != pos.shape[0]:
+        raise ValueError(
+            f"crd_nce_loss: expected pos (B,) and neg (B, N), got {tuple(pos.shape)} and {tuple(neg.shape)}"
+        )
+    noise = neg.shape[1] / num_data
+    log_h_pos = torch.log(pos / (pos + noise + eps))
+    log_1_minus_h_neg = torch.log(noise / (neg + noise + eps))
+    return -(log_h_pos + log_1_minus_h_neg.sum(dim=1)).mean()
+
+
+# --------------------------------------------------------------------------- KD-SVD
+
+
+def _top_singular(feat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the top-k right singular vectors (B, C, k) and singular values (B, k) of the (H*W, C)
+    matrix of a (B, C, H, W) map, each L2-normalised (vectors over C, values over k); NaN/inf set to 0."""
+    x = feat.flatten(2).transpose(1, 2)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    s, v = s[:, :k], vh[:, :k].transpose(1, 2)
+    s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+    v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    return F.normalize(v, dim=1), F.normalize(s, dim=1)
+
+
+def kdsvd_loss(
+    student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor], k: int = 1
+) -> torch.Tensor:
+    """Lee, Kim & Song ECCV 2018 (KD-SVD), the distillation of the singular-vector correlation between layers.
+
+    student_feats, teacher_feats: equally long sequences (at least two) of (B, C_l, H_l, W_l) maps, the
+    l-th student map with the l-th teacher map's channel count. Per map and sample: truncated SVD of the
+    (H*W, C) matrix; the teacher keeps its top k right singular vectors, the student its top k + 3, each
+    teacher vector being matched by the student vector of largest |cosine| (its sign flipped to agree);
+    both are scaled by the teacher's normalised singular values. The knowledge of layers l-1, l is the
+    radial basis function G[c, c', i] = exp(-(v_l[c, i] - v_{l-1}[c', i])^2 / 8) over every pair of
+    entries of the i-th vectors; the loss is sum over consecutive pairs of ||G_S - G_T||^2 summed over
+    entries and averaged over the batch (non-finite terms dropped). The k + 3 candidates, the alignment
+    and sigma = 8 follow the authors' released code.
+    """
+    if len(student_feats) != len(teacher_feats) or len(student_feats) < 2:
+        raise ValueError(f"kdsvd_loss: needs the same number (at least 2) of student and teacher maps, "
+                         f"got {len(student_feats)} and {len(teacher_feats)}")
+    total, prev = None, None
+    for fs, ft in zip(student_feats, teacher_feats):
+        _same_batch(fs, ft, "kdsvd_loss")
+        if fs.shape[1] != ft.shape[1]:
+            raise ValueError(f"kdsvd_loss: singular vectors are compared channel by channel, but the student has "
+                             f"{fs.shape[1]} channels and the teacher {ft.shape[1]}")
+        v_t, s_t = _top_singular(ft, k)
+        v_s, _ = _top_singular(fs, k + 3)
+        cos = v_s.transpose(1, 2) @ v_t  # (B, k + 3, k)
+        best = cos.abs() == cos.abs().amax(dim=1, keepdim=True)
+        v_s = v_s @ torch.where(best, torch.sign(cos), torch.zeros_like(cos))
+        v_s, v_t = v_s * s_t.unsqueeze(1), v_t * s_t.unsqueeze(1)
+        if prev is not None:
+            def rbf(a, b):
+                return torch.exp(-(a.unsqueeze(2) - b.unsqueeze(1)).pow(2) / 8)
+
+            sq = (rbf(v_s, prev[0]) - rbf(v_t, prev[1])).pow(2)
+            term = torch.where(torch.isfinite(sq), sq, torch.zeros_like(sq)).sum() / fs.shape[0]
+            total = term if total is None else total + term
+        prev = (v_s, v_t)
     return total

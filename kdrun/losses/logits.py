@@ -136,3 +136,29 @@ def dist_loss(
     intra = 1.0 - _mean_pearson(y_s, y_t, dim=0, eps=eps)
     scale = temperature**2
     return beta * inter * scale + gamma * intra * scale
+
+
+def ensemble_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KD from an ensemble of M teachers: T^2 * KL(sum_m w_m softmax(z_m / T) || softmax(s / T)), batch mean.
+
+    student_logits: (B, K); teacher_logits: (M, B, K); weights: (M,) non-negative, summing to 1
+    (None: the plain average, as in Hinton et al. 2015's ensemble targets and You et al. KDD 2017).
+    The mixture is formed in log space (logsumexp of log w_m + log softmax), so it stays finite.
+    """
+    if teacher_logits.dim() != 3 or teacher_logits.shape[1:] != student_logits.shape:
+        raise ValueError(f"ensemble_kd_loss: teacher logits must be (M, B, K) with (B, K) = "
+                         f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
+    m = teacher_logits.shape[0]
+    if weights is None:
+        weights = torch.full((m,), 1.0 / m, dtype=teacher_logits.dtype, device=teacher_logits.device)
+    if weights.shape != (m,):
+        raise ValueError(f"ensemble_kd_loss: weights must have shape ({m},), got {tuple(weights.shape)}")
+    log_w = torch.log(weights.to(teacher_logits)).view(m, 1, 1)
+    log_p_t = torch.logsumexp(log_w + F.log_softmax(teacher_logits / temperature, dim=2), dim=0)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2

@@ -1,26 +1,38 @@
 """Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network".
 
 loss = (1 - alpha) * CE(student, label) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+`kd_weight` replaces alpha as the weight of the KD term (the CE keeps 1 - alpha). With
+`logit_standardization`, both logits are Z-scored before the temperature (Sun et al. CVPR 2024,
+Algorithm 1), whose CIFAR-100 setting is T = 2, alpha = 0.9 and kd_weight = 9.
 """
 
 import torch.nn.functional as F
 
-from kdrun.losses import kd_loss
+from kdrun.losses import kd_loss, standardize
 from kdrun.methods.base import Method
 
 
 class KD(Method):
     needs_teacher = True
+    teacher_cacheable = True
 
-    def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.9):
+    def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.9, kd_weight: float | None = None,
+                 logit_standardization: bool = False):
         super().__init__(student, teacher)
         self.temperature = temperature
         self.alpha = alpha
+        self.soft_weight = alpha if kd_weight is None else kd_weight  # the KD term's weight
+        self.logit_standardization = logit_standardization
 
     def training_step(self, batch):
         logits = self.student(batch["image"])
         teacher_logits = self.teacher_outputs(batch)
         losses = {"ce": (1 - self.alpha) * F.cross_entropy(logits, batch["label"])}
-        if self.alpha:
-            losses["kd"] = self.alpha * kd_loss(logits, teacher_logits, self.temperature)
+        if self.soft_weight:
+            if self.logit_standardization:
+                logits_s, logits_t = standardize(logits), standardize(teacher_logits)
+            else:
+                logits_s, logits_t = logits, teacher_logits
+            losses["kd"] = self.soft_weight * kd_loss(logits_s, logits_t, self.temperature)
         return losses, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}

@@ -35,7 +35,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(out + shortcut)
+        return self.relu(out + shortcut)  # a module call, so a hook can read the pre-activation
 
 
 class ResNet(nn.Module):

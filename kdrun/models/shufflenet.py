@@ -38,13 +38,14 @@ class ShuffleV1Block(nn.Module):
         self.conv3 = nn.Conv2d(mid, out_ch, kernel_size=1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
         self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
+        self.relu = nn.ReLU(inplace=True)  # a module, so hooks can read the block's pre-activation (its input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.first_groups)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         shortcut = self.shortcut(x)
-        return F.relu(torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut)
+        return self.relu(torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut)
 
 
 class ShuffleNetV1(nn.Module):

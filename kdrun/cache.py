@@ -1,0 +1,197 @@
+"""The teacher-output cache: the teacher's logits on the training images, computed once and reused by every
+later run and sweep job, for methods whose teacher input does not depend on the step's random draw.
+
+Two view recipes are cacheable: the clean (un-augmented) image (a fixed teacher view, or any view of a
+dataset trained without augmentation or mixup), and a stored set of K augmented views per image
+(`kdrun.data.StoredViews`: crop offsets, flip, mixup partner and coefficient, recorded in the file beside
+the teacher's outputs). `Method.teacher_outputs` then reads the cache by `batch["index"]` (and
+`batch["view"]`) instead of running the teacher, so methods do not know whether a cache is in use.
+
+A cache file is `paths.cache_dir/logits/<key>.pt`, the key a hash of the teacher's weights, the training split
+(its content and normalisation) and the view recipe. It is used only when it is readable, records exactly
+those fields, has the expected shapes and matches its checksum; otherwise kdrun says why and rebuilds it.
+"""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from kdrun import checkpoint, data as kdata
+from kdrun.data.loaders import FolderLoader, Normalize, StoredViews, Views
+from kdrun.data.sources import InMemory
+from kdrun.errors import KdrunError
+from kdrun.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+class TeacherCache:
+    """Cached teacher logits, (N, C) for the clean view or (N, K, C) for K stored views per image."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def lookup(self, batch: dict) -> torch.Tensor:
+        if self.logits.dim() == 2:
+            return self.logits[batch["index"]]
+        return self.logits[batch["index"], batch["view"]]
+
+
+def training_views(method: Method, data: kdata.Data, cfg: DictConfig, device) -> Views:
+    """The views `method`'s training batches carry. With `teacher.cache=true`, also gives the method its
+    teacher cache, read from `paths.cache_dir` or built there first."""
+    views = Views(method.teacher_input, method.mixup_alpha)
+    if method.teacher is None or not cfg.teacher.get("cache"):
+        return views
+    if not method.teacher_cacheable:
+        raise KdrunError(f"{type(method).__name__} uses more of the teacher than its logits, which the teacher "
+                         "cache does not hold; set teacher.cache=false")
+    stored = None
+    in_memory = isinstance(data.splits.train, InMemory)
+    # without augmentation or mixup, the teacher's view of an in-memory image is the clean image itself
+    if views.teacher != "clean" and not (in_memory and not kdata.train_augment(data) and not views.mixup_alpha):
+        if not in_memory:
+            raise KdrunError(f"{data.name} is read from files, and stored augmented views (teacher.cache with a method "
+                             "whose teacher sees augmented images) need an in-memory dataset; set teacher.cache=false")
+        k = int(cfg.teacher.cache_views)
+        if k < 1:
+            raise KdrunError(f"teacher.cache_views={k}; give the number of stored views per image (>= 1)")
+        stored = StoredViews.draw(len(data.splits.train), k, kdata.train_augment(data), views.mixup_alpha)
+    fields = cache_fields(method.teacher, data, stored)
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cfg.paths.cache_dir).expanduser() / "logits" / f"{key}.pt"
+    n, k = len(data.splits.train), stored.k if stored is not None else None
+    shape = (n, data.num_classes) if k is None else (n, k, data.num_classes)
+    saved = read(path, fields, shape)
+    if saved is not None:
+        log.info("teacher cache: reusing %s (%s); the teacher does not run", path, _what(n, k))
+        logits, stored = saved
+    else:
+        log.info("teacher cache: computing the teacher's outputs on %s into %s", _what(n, k), path)
+        logits = compute(method.teacher, data, stored, device, cfg.trainer.eval_batch_size)
+        write(path, fields, logits, stored)
+    method.teacher_cache = TeacherCache(logits.to(device))
+    return Views(views.teacher, views.mixup_alpha, cached=True, stored=stored)
+
+
+def cache_fields(teacher: torch.nn.Module, data: kdata.Data, stored: StoredViews | None) -> dict:
+    """Everything the cached outputs depend on, as plain data (hashed into the key, recorded in the file)."""
+    if stored is None:
+        view = {"teacher": "clean"}
+    else:
+        augment = kdata.train_augment(data)
+        view = {"teacher": "stored", "views": stored.k, "crop_padding": augment.crop_padding, "flip": augment.flip,
+                "mixup_alpha": stored.mixup_alpha}
+    return {"format": FORMAT, "teacher": tensor_hash(teacher.state_dict()),
+            "dataset": {"name": data.name, "train": split_hash(data), "mean": list(data.mean), "std": list(data.std)},
+            "view": view}
+
+
+def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def split_hash(data: kdata.Data) -> str:
+    """The training split's fingerprint: its tensors, or for a folder dataset its file list and image size."""
+    train = data.splits.train
+    if isinstance(train, InMemory):
+        return tensor_hash({"images": train.images, "labels": train.labels})
+    samples = getattr(train, "samples", None)
+    if samples is None:
+        raise KdrunError(f"{data.name}'s training split lists no files to fingerprint; set teacher.cache=false")
+    what = {"samples": [[str(p), int(c)] for p, c in samples], "size": data.image_size,
+            "test_resize_ratio": data.augment.get("test_resize_ratio", 1.0), "in_chans": data.in_chans}
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def read(path: Path, fields: dict, shape: tuple) -> tuple[torch.Tensor, StoredViews | None] | None:
+    """The cached logits and stored views at `path`, or None (with the reason logged) if it cannot be used."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        problem = _problem(saved, fields, shape)
+    except Exception as e:  # truncated, overwritten, not a torch file...
+        problem = f"is corrupt ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    if problem:
+        log.warning("teacher cache: %s %s; rebuilding it", path, problem)
+        return None
+    stored = saved["stored"]
+    views = StoredViews(*(stored[f] for f in StoredViews.FIELDS), fields["view"]["mixup_alpha"]) if stored else None
+    return saved["logits"], views
+
+
+def _problem(saved, fields: dict, shape: tuple) -> str | None:
+    if not isinstance(saved, dict) or not {"fields", "logits", "stored", "checksum"} <= set(saved):
+        return "is not a kdrun teacher cache"
+    if saved["fields"] != fields:
+        diff = sorted(k for k in fields if saved["fields"].get(k) != fields[k])
+        return f"was made for another {' and '.join(diff) or 'format'} (stale)"
+    if tuple(saved["logits"].shape) != shape:
+        return f"holds logits of shape {tuple(saved['logits'].shape)}, not {shape}"
+    stored = saved["stored"]
+    if (stored is None) != (len(shape) == 2):
+        return "holds views that do not fit its logits"
+    if stored and any(stored[f].shape[:2] != shape[:2] for f in StoredViews.FIELDS):
+        return "holds views that do not fit its logits"
+    if _checksum(saved["logits"], stored) != saved["checksum"]:
+        return "fails its checksum"
+    return None
+
+
+def _checksum(logits: torch.Tensor, stored: dict | None) -> str:
+    return tensor_hash({"logits": logits, **(stored or {})})
+
+
+def write(path: Path, fields: dict, logits: torch.Tensor, stored: StoredViews | None) -> None:
+    state = stored.state() if stored is not None else None
+    checkpoint.save({"fields": fields, "logits": logits, "stored": state, "checksum": _checksum(logits, state)}, path)
+
+
+@torch.inference_mode()
+def compute(teacher: torch.nn.Module, data: kdata.Data, stored: StoredViews | None, device,
+            batch_size: int) -> torch.Tensor:
+    """The teacher's logits (float32, on the CPU) on every training image: clean, or each stored view."""
+    was_training = teacher.training
+    teacher.eval()
+    normalize = Normalize(data.mean, data.std, device)
+    train = data.splits.train
+    n = len(train)
+    if isinstance(train, InMemory):
+        images = train.images.to(device)
+        augment = kdata.train_augment(data) or None
+        views = stored.to(device) if stored is not None else None
+        out = torch.empty(n, *(() if stored is None else (stored.k,)), data.num_classes)
+        chunks = [(v, idx) for v in range(views.k if views else 1)
+                  for idx in torch.arange(n, device=device).split(batch_size)]
+        for v, idx in tqdm(chunks, desc="teacher cache", disable=None, leave=False):
+            if views is None:
+                out[idx.cpu()] = teacher(normalize(images.index_select(0, idx))).float().cpu()
+            else:
+                x = views.render(images, idx, torch.full_like(idx, v), augment, normalize)
+                out[idx.cpu(), v] = teacher(x).float().cpu()
+    else:
+        _, test_tf = kdata.folder_transforms(data)
+        out = torch.empty(n, data.num_classes)
+        for batch in tqdm(FolderLoader(train, test_tf, batch_size, normalize, device), desc="teacher cache",
+                          disable=None, leave=False):
+            out[batch["index"].cpu()] = teacher(batch["image"]).float().cpu()
+    teacher.train(was_training)
+    return out
+
+
+def _what(n: int, k: int | None) -> str:
+    return f"{n} training images, clean" if k is None else f"{n} training images x {k} stored views"

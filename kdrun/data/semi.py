@@ -1,0 +1,279 @@
+"""Semi-supervised data: a labeled/unlabeled split of the training set, the unlabeled stream that
+flows beside the labeled batches, and RandAugment for the students' strong noise.
+
+`dataset.labeled_per_class=N` (or `dataset.labeled_fraction=F`) keeps N images (a fraction F) of
+every class labeled, drawn with `dataset.split_seed`; the rest of the training set becomes unlabeled.
+Every method then trains on the labeled part (a cached teacher included); methods that declare an
+unlabeled `Stream` also get, per step, `unlabeled_ratio` x batch_size unlabeled images:
+
+    batch = {"image", "label", "index",                  # labeled, as always
+             "unlabeled_image", "unlabeled_index",       # the student's view of unlabeled images
+             "unlabeled_weak_image"}                     # crop/flip only, when the method asks (UDA)
+
+`unlabeled_index` is the position in the unlabeled part, so a method can keep per-image pseudo labels.
+An epoch stays one pass over the labeled images; the unlabeled stream runs on across epochs.
+"""
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from kdrun.data.loaders import BatchAugment, Normalize, TensorLoader
+from kdrun.data.sources import InMemory
+from kdrun.errors import KdrunError
+
+
+# ---- the split ---------------------------------------------------------------------------------------
+
+def split_indices(labels: torch.Tensor, labeled_per_class: int | None = None, labeled_fraction: float | None = None,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified, seeded split of positions 0..len(labels)-1: (labeled, unlabeled), each sorted."""
+    if (labeled_per_class is None) == (labeled_fraction is None):
+        raise KdrunError("give one of dataset.labeled_per_class and dataset.labeled_fraction, not both")
+    if labeled_fraction is not None and not 0 < labeled_fraction < 1:
+        raise KdrunError(f"dataset.labeled_fraction={labeled_fraction}; give a fraction between 0 and 1")
+    if labeled_per_class is not None and labeled_per_class < 1:
+        raise KdrunError(f"dataset.labeled_per_class={labeled_per_class}; give at least 1")
+    generator = torch.Generator().manual_seed(seed)
+    labeled = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).squeeze(1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        n = labeled_per_class if labeled_per_class is not None else max(1, round(labeled_fraction * len(members)))
+        if n >= len(members):
+            asked = (f"dataset.labeled_per_class={n}" if labeled_per_class is not None
+                     else f"dataset.labeled_fraction={labeled_fraction}")
+            raise KdrunError(f"{asked} labels all {len(members)} training images of class {c} and leaves none "
+                             f"unlabeled; label at most {len(members) - 1} per class")
+        labeled.append(members[:n])
+    labeled = torch.cat(labeled).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[labeled] = False
+    return labeled, torch.nonzero(mask).squeeze(1)
+
+
+@dataclass
+class Split:
+    """The labeled/unlabeled split of a training set; `unlabeled` keeps its labels for diagnostics only."""
+
+    labeled_index: torch.Tensor  # positions in the training set; the unlabeled part is the rest, in order
+    unlabeled: InMemory | Dataset
+    config: dict
+
+    def save(self, path: str | Path) -> None:
+        """Record the split (its settings and the labeled positions; the unlabeled are the rest) as JSON."""
+        labels = _labels(self.unlabeled)
+        record = {**self.config, "num_labeled": len(self.labeled_index), "num_unlabeled": len(labels),
+                  "unlabeled_per_class": torch.bincount(labels).tolist(),
+                  "labeled_index": self.labeled_index.tolist()}
+        Path(path).write_text(json.dumps(record) + "\n")
+
+
+def _labels(part: InMemory | Dataset) -> torch.Tensor:
+    if isinstance(part, InMemory):
+        return part.labels
+    if isinstance(part, Subset):
+        return torch.as_tensor(part.dataset.targets)[torch.as_tensor(part.indices)]
+    return torch.as_tensor(part.targets)
+
+
+def _part(train: InMemory | Dataset, index: torch.Tensor) -> InMemory | Dataset:
+    if isinstance(train, InMemory):
+        return InMemory(train.images[index], train.labels[index])
+    return Subset(train, index.tolist())
+
+
+def split(data, cfg):
+    """`data` (a `kdrun.data.Data`) with its training set cut to the labeled part, when `cfg` (the
+    `dataset` group) asks for a split; the unlabeled part goes to `data.split`."""
+    per_class, fraction = cfg.get("labeled_per_class"), cfg.get("labeled_fraction")
+    if per_class is None and fraction is None:
+        return data
+    train = data.splits.train
+    seed = int(cfg.get("split_seed") or 0)
+    labeled, unlabeled = split_indices(_labels(train), per_class, fraction, seed)
+    config = {"labeled_per_class": per_class, "labeled_fraction": fraction, "split_seed": seed}
+    splits = replace(data.splits, train=_part(train, labeled))
+    return replace(data, splits=splits, split=Split(labeled, _part(train, unlabeled), config))
+
+
+# ---- RandAugment -------------------------------------------------------------------------------------
+
+class RandAugment:
+    """Cubuk et al. (CVPR-W 2020), RandAugment: `num_ops` operations, each drawn uniformly from
+    torchvision's list (`transforms.v2.RandAugment`: identity, shear, translate, rotate, brightness,
+    colour, contrast, sharpness, posterize, solarize, autocontrast, equalize), all at magnitude
+    `magnitude` on torchvision's 0..`num_bins`-1 scale (0..30 by default, the papers' scale).
+
+    Drawn per image, as the papers do: each image gets its own operations and signs. Images that drew
+    the same operation and sign go through torchvision's implementation of it together, one call per
+    group rather than per image (per-image calls cost ~1.5 ms/image on 2 CPU cores).
+    """
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31):
+        from torchvision.transforms import v2
+
+        if not 0 <= magnitude < num_bins:
+            raise KdrunError(f"RandAugment magnitude {magnitude} is outside 0..{num_bins - 1}; give one in that range")
+        self.num_ops, self.magnitude, self.num_bins = int(num_ops), int(magnitude), int(num_bins)
+        self._torchvision = v2.RandAugment(self.num_ops, self.magnitude, self.num_bins)
+        self.ops = list(self._torchvision._AUGMENTATION_SPACE.items())
+
+    def __repr__(self) -> str:
+        return f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude})"
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A uint8 batch (B, C, H, W) with every image independently augmented."""
+        b, _, h, w = x.shape
+        x = x.clone()
+        signed = torch.tensor([s for _, (_, s) in self.ops])
+        tv = self._torchvision
+        for _ in range(self.num_ops):
+            op = torch.randint(len(self.ops), (b,), generator=generator)
+            negative = (torch.rand(b, generator=generator) < 0.5) & signed[op]
+            group = op * 2 + negative
+            for g in torch.unique(group).tolist():
+                name, (magnitudes, _) = self.ops[g // 2]
+                levels = magnitudes(self.num_bins, h, w)
+                m = 0.0 if levels is None else float(levels[self.magnitude]) * (-1 if g % 2 else 1)
+                idx = torch.nonzero(group == g).squeeze(1).to(x.device)
+                x[idx] = tv._apply_image_or_video_transform(x[idx], name, m, interpolation=tv.interpolation,
+                                                            fill=tv._fill)
+        return x
+
+
+class _Chain:
+    """Batched augmentations applied in order, each drawing from the loader's generator."""
+
+    def __init__(self, *augments):
+        self.augments = [a for a in augments if a]
+
+    def __bool__(self) -> bool:
+        return bool(self.augments)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        for augment in self.augments:
+            x = augment(x, generator)
+        return x
+
+
+# ---- the unlabeled stream ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stream:
+    """A method's declaration of the unlabeled batches it needs.
+
+    `ratio`: unlabeled images per labeled one in a step (FixMatch's and MPL's mu).
+    `randaugment`: {num_ops, magnitude} of the student's unlabeled view (after crop/flip), or None.
+    `noise_labeled`: the same RandAugment on the labeled images (the noised student of Noisy Student).
+    `weak_view`: also carry `unlabeled_weak_image`, the crop/flip-only view of the same images.
+    """
+
+    ratio: float
+    randaugment: dict | None = None
+    noise_labeled: bool = False
+    weak_view: bool = False
+
+    def __post_init__(self):
+        if not self.ratio > 0:
+            raise KdrunError(f"method.unlabeled_ratio={self.ratio}; give a positive number of unlabeled images "
+                             "per labeled one")
+        if self.randaugment is not None and not set(self.randaugment) <= {"num_ops", "magnitude", "num_bins"}:
+            raise KdrunError(f"method.randaugment={dict(self.randaugment)}; give num_ops and magnitude "
+                             "(and optionally num_bins), or null for no RandAugment")
+
+
+class SemiLoader:
+    """Labeled batches with unlabeled batches beside them. An epoch is one pass over the labeled images, as
+    for every method, so a schedule means the same steps with or without unlabeled data; the unlabeled
+    stream runs on across epochs, one shuffled pass over the unlabeled images after another."""
+
+    def __init__(self, labeled: TensorLoader, unlabeled: InMemory, batch_size: int, normalize: Normalize,
+                 augment: BatchAugment, randaugment: RandAugment | None, weak_view: bool, seed: int):
+        self.labeled = labeled
+        self.images = unlabeled.images.to(labeled.images.device)
+        self.labels = unlabeled.labels  # for diagnostics (pseudo-label accuracy), never for training
+        self.batch_size = min(batch_size, len(unlabeled))
+        self.normalize = normalize
+        self.augment = augment if augment else None
+        self.randaugment = randaugment
+        self.weak_view = weak_view
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed + 1)  # the unlabeled images' augmentations
+        self.passes = self.position = 0  # where the unlabeled stream is: its pass, and the position in it
+        self._order = (-1, None)
+
+    def __len__(self) -> int:
+        return len(self.labeled)
+
+    def state_dict(self) -> dict:
+        """Where both streams are and the random state they draw from, for resuming a run."""
+        return {"labeled": self.labeled.state_dict(), "unlabeled": self.generator.get_state(),
+                "passes": self.passes, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.labeled.load_state_dict(state["labeled"])
+        self.generator.set_state(state["unlabeled"])
+        self.passes, self.position = state["passes"], state["position"]
+
+    def _pass_order(self) -> torch.Tensor:
+        """The shuffled order of the current pass over the unlabeled images, drawn from (seed, pass)."""
+        if self._order[0] != self.passes:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.passes)
+            self._order = (self.passes, torch.randperm(len(self.images), generator=generator))
+        return self._order[1]
+
+    def _next_index(self) -> torch.Tensor:
+        parts, need = [], self.batch_size
+        while need:
+            part = self._pass_order()[self.position:self.position + need]
+            parts.append(part)
+            need -= len(part)
+            self.position += len(part)
+            if self.position == len(self.images):
+                self.passes, self.position = self.passes + 1, 0
+        return torch.cat(parts).to(self.images.device)
+
+    def __iter__(self):
+        for labeled in self.labeled:
+            batch = dict(labeled)
+            index = self._next_index()
+            x = self.images.index_select(0, index)
+            if self.augment is not None:
+                x = self.augment(x, self.generator)
+            if self.weak_view:
+                batch["unlabeled_weak_image"] = self.normalize(x.clone())
+            if self.randaugment is not None:
+                x = self.randaugment(x, self.generator)
+            batch["unlabeled_image"] = self.normalize(x)
+            batch["unlabeled_index"] = index
+            yield batch
+
+    def unlabeled_batches(self, batch_size: int = 1000):
+        """The un-augmented unlabeled images, in order, normalised: {"image", "index"} dicts (for labelling)."""
+        for start in range(0, len(self.images), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(self.images)), device=self.images.device)
+            yield {"image": self.normalize(self.images[start:start + batch_size]), "index": index}
+
+
+def loader(data, stream: Stream, batch_size: int, device, seed: int, world_size: int = 1) -> SemiLoader:
+    """The training loader of a method that declared `stream`, over `data` (a `kdrun.data.Data`) split."""
+    if world_size > 1:
+        raise KdrunError("semi-supervised methods (an unlabeled stream) run on one device; set trainer.devices=1")
+    if data.split is None:
+        raise KdrunError("this method trains on unlabeled images too; split the training set with "
+                         "dataset.labeled_per_class=N (or dataset.labeled_fraction=F)")
+    if not isinstance(data.split.unlabeled, InMemory):
+        raise KdrunError(f"{data.name} is read from files, and the unlabeled stream needs an in-memory dataset "
+                         "(mnist, fashion_mnist, cifar10, cifar100, svhn, digits); choose one of those")
+    normalize = Normalize(data.mean, data.std, device)
+    augment = BatchAugment(data.augment.get("crop_padding", 0), data.augment.get("flip", False))
+    strong = RandAugment(**stream.randaugment) if stream.randaugment else None
+    labeled_augment = _Chain(augment, strong) if stream.noise_labeled else augment
+    labeled = TensorLoader(data.splits.train, batch_size, normalize, device, shuffle=True, drop_last=True,
+                           augment=labeled_augment, seed=seed)
+    return SemiLoader(labeled, data.split.unlabeled, round(stream.ratio * labeled.batch_size), normalize, augment,
+                      strong, stream.weak_view, seed)
