@@ -1,0 +1,42 @@
+"""Heo et al. AAAI 2019, "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons" (AB).
+
+Init stage (`init_epochs`): the student's feature extractor and connectors r (1x1 conv + BN) are trained
+alone to put each neuron on the teacher's side of its activation boundary, with the alternative loss
+||rho(T) * relu(mu - r(S)) + (1 - rho(T)) * relu(mu + r(S))||^2 on pre-ReLU responses (eq. 5, margin mu);
+the deeper layers count more (2^(l - n + 1)) and the sum is scaled by `weight` = 3/1000, as in the CRD
+benchmark. Then (`schedule.epochs`) the student trains with CE (and KD when `kd_weight` > 0); the
+connectors are dropped.
+"""
+
+from torch import nn
+
+from kdrun import features
+from kdrun.losses import ab_loss
+from kdrun.methods.base import Stage
+from kdrun.methods.feature import FeatureMethod, connector, same_spatial
+
+
+class AB(FeatureMethod):
+    positions = "stages"
+    preact = (True, True)
+    pairing = "resolution"
+
+    def __init__(self, student, teacher, init_epochs: int = 30, margin: float = 1.0, weight: float = 0.003, **kwargs):
+        super().__init__(student, teacher, weight, **kwargs)
+        self.init_epochs, self.margin = init_epochs, margin
+
+    def build(self, s_feats, t_feats):
+        same_spatial(s_feats, t_feats, "ab")
+        self.connectors = nn.ModuleList(connector(s.shape, t.shape) for s, t in zip(s_feats, t_feats))
+        x = features.probe_input(self.student, self.input_shape)
+        self.extractor = features.parameters_before(self.student, self.s_hooks.specs[-1], x)
+
+    def stages(self, epochs):
+        return [Stage("init", self.init_epochs, params=self.extractor + list(self.connectors.parameters())),
+                Stage("task", epochs, params=list(self.student.parameters()))]
+
+    def distill(self, s_feats, t_feats, batch):
+        n = len(s_feats)
+        total = sum(2.0 ** (i - n + 1) * ab_loss(r(s), t, self.margin)
+                    for i, (s, t, r) in enumerate(zip(s_feats, t_feats, self.connectors)))
+        return {"ab": self.weight * total}

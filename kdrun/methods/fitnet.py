@@ -1,0 +1,95 @@
+"""Romero et al. ICLR 2015, "FitNets: Hints for Thin Deep Nets".
+
+Stage 1 (hints, `hint_epochs`): the student's lower part up to the guided layer and a regressor r are
+trained alone to predict the teacher's hint layer, L_HT = ||u_h - r(v_g)||^2 (eq. 3; here the MSE times
+`weight`). Stage 2 (`schedule.epochs`): the whole student is trained with KD, eq. (2),
+L_KD = H(y, P_S) + lambda * H(P_T^tau, P_S^tau), lambda annealed linearly from `lambda_start` to
+`lambda_end` over the stage (tau = 3, lambda 4 -> 1 in the authors' CIFAR configuration); the regressor
+is dropped. `stages=1` is the one-stage variant of the CRD benchmark: CE + weight * L_HT throughout.
+"""
+
+import torch
+from torch import nn
+
+from kdrun import features
+from kdrun.errors import KdrunError
+from kdrun.losses import hint_loss, kd_loss
+from kdrun.methods.base import Stage
+from kdrun.methods.feature import FeatureMethod
+
+
+def regressor(s_shape, t_shape, relu: bool) -> nn.Module:
+    """The paper's convolutional regressor: a conv of kernel (1 + Hs - Ht, 1 + Ws - Wt) without padding maps the
+    guided map onto the hint's size (Sec. 2.2), then BatchNorm and, when the hint is a ReLU output, a ReLU
+    (r keeps the hint's non-linearity); for vector features a Linear regressor."""
+    if len(s_shape) == 2:
+        return nn.Sequential(nn.Linear(s_shape[1], t_shape[1]), *([nn.ReLU()] if relu else []))
+    (hs, ws), (ht, wt) = s_shape[2:], t_shape[2:]
+    if hs < ht or ws < wt:
+        raise KdrunError(f"FitNets' regressor maps a larger guided layer onto a smaller hint, but the student's "
+                         f"guided map is {hs}x{ws} and the teacher's hint {ht}x{wt}; pick a student layer at least "
+                         "as large with student.feature_layers (or a smaller teacher.feature_layers)")
+    conv = nn.Conv2d(s_shape[1], t_shape[1], (1 + hs - ht, 1 + ws - wt), bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(t_shape[1]), *([nn.ReLU()] if relu else []))
+
+
+class FitNet(FeatureMethod):
+    positions = "middle"
+
+    def __init__(self, student, teacher, stages: int = 2, hint_epochs: int = 30, weight: float = 100.0,
+                 temperature: float = 3.0, lambda_start: float = 4.0, lambda_end: float = 1.0,
+                 ce_weight: float = 1.0, kd_weight: float = 0.0, student_layers=None, teacher_layers=None):
+        super().__init__(student, teacher, weight, ce_weight, kd_weight, temperature, student_layers, teacher_layers)
+        self.num_stages = stages
+        self.hint_epochs = hint_epochs
+        self.lambda_start = lambda_start
+        self.lambda_end = lambda_end
+
+    def specs(self, model, role, t_feats=None):
+        """The hint is the teacher's middle stage; the guided layer the student's middle stage or, when that
+        map is smaller than the hint, the deepest student stage at least as large (the regressor shrinks)."""
+        specs = super().specs(model, role, t_feats)
+        if role == "teacher" or self.layers["student"] or t_feats[0].dim() != 4:
+            return specs
+        stages = self.stages_of(model, role, features.probe_input(model, self.input_shape))
+        middle = stages.index(specs[0])
+        h, w = t_feats[0].shape[2:]
+        sizes = [f.shape[2:] for f in self.probe(model, stages, role)]
+        large = [i for i, (hs, ws) in enumerate(sizes[: middle + 1]) if hs >= h and ws >= w]
+        return [stages[large[-1]]] if large and large[-1] != middle else specs
+
+    def build(self, s_feats, t_feats):
+        if self.num_stages not in (1, 2):
+            raise KdrunError(f"method.stages={self.num_stages}: FitNets has 2 stages (hints, then KD) or the 1-stage "
+                             "variant; use 1 or 2")
+        if len(s_feats) != 1:
+            raise KdrunError(f"FitNets guides one student layer by one teacher hint, got {len(s_feats)}; give one "
+                             "path each in student.feature_layers and teacher.feature_layers")
+        self.regressor = regressor(s_feats[0].shape, t_feats[0].shape, relu=bool((t_feats[0] >= 0).all()))
+        x = features.probe_input(self.student, self.input_shape)
+        self.guided_params = features.parameters_before(self.student, self.s_hooks.specs[0], x)
+
+    def stages(self, epochs):
+        if self.num_stages == 1:
+            return [Stage("train", epochs)]
+        self.kd_epochs = epochs
+        return [Stage("hint", self.hint_epochs, params=self.guided_params + list(self.regressor.parameters())),
+                Stage("kd", epochs, params=list(self.student.parameters()))]
+
+    def kd_lambda(self) -> float:
+        """lambda of stage 2, linear in the epochs of that stage from lambda_start to lambda_end."""
+        done = (self.epoch - self.hint_epochs) / max(1, self.kd_epochs - 1)
+        return self.lambda_start + (self.lambda_end - self.lambda_start) * min(max(done, 0.0), 1.0)
+
+    def training_step(self, batch):
+        if self.stage != "kd":
+            return super().training_step(batch)
+        logits = self.student(batch["image"])
+        with torch.no_grad():
+            t_logits = self.teacher(batch.get("teacher_image", batch["image"]))
+        soft = kd_loss(logits, t_logits, self.temperature) / self.temperature**2  # H(P_T^tau, P_S^tau) up to a constant
+        losses = {"ce": torch.nn.functional.cross_entropy(logits, batch["label"]), "kd": self.kd_lambda() * soft}
+        return losses, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+
+    def distill(self, s_feats, t_feats, batch):
+        return {"hint": self.weight * hint_loss(self.regressor(s_feats[0]), t_feats[0])}

@@ -1,0 +1,85 @@
+"""Kim, Park & Kwak NeurIPS 2018, "Paraphrasing Complex Network: Network Compression via Factor Transfer" (FT).
+
+Paraphraser stage (`init_epochs`): a convolutional auto-encoder (three 3x3 convs down to `rate` x C_T
+channels, three 3x3 transposed convs back, BN and leaky ReLU) learns to reconstruct the teacher's last
+feature map (L2 reconstruction loss); its encoder output is the teacher factor F_T. Then
+(`schedule.epochs`) the paraphraser is frozen, a translator (three 3x3 convs) turns the student's last
+map into the student factor F_S, and loss = CE + beta * L_FT with
+L_FT = || F_T/||F_T||_2 - F_S/||F_S||_2 ||_p, p = 1 (eq. 3), averaged over elements as in the common
+implementations, beta = `weight` = 200 (the CRD benchmark's).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.errors import KdrunError
+from kdrun.losses import ft_loss
+from kdrun.methods.base import Stage
+from kdrun.methods.feature import FeatureMethod, match_spatial
+
+
+def _block(conv: nn.Module, channels: int) -> list[nn.Module]:
+    return [conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.1)]
+
+
+class Paraphraser(nn.Module):
+    """The teacher-side auto-encoder: `encode` gives the factor, `forward` the reconstruction."""
+
+    def __init__(self, channels: int, factor: int):
+        super().__init__()
+        self.encoder = nn.Sequential(*_block(nn.Conv2d(channels, channels, 3, padding=1), channels),
+                                     *_block(nn.Conv2d(channels, factor, 3, padding=1), factor),
+                                     *_block(nn.Conv2d(factor, factor, 3, padding=1), factor))
+        self.decoder = nn.Sequential(*_block(nn.ConvTranspose2d(factor, factor, 3, padding=1), factor),
+                                     *_block(nn.ConvTranspose2d(factor, channels, 3, padding=1), channels),
+                                     *_block(nn.ConvTranspose2d(channels, channels, 3, padding=1), channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class FT(FeatureMethod):
+    positions = "last"
+
+    def __init__(self, student, teacher, init_epochs: int = 30, rate: float = 0.5, p: float = 1.0,
+                 weight: float = 200.0, **kwargs):
+        super().__init__(student, teacher, weight, **kwargs)
+        self.init_epochs, self.rate, self.p = init_epochs, rate, p
+
+    def build(self, s_feats, t_feats):
+        (s,), (t,) = s_feats, t_feats
+        if s.dim() != 4 or t.dim() != 4:
+            raise KdrunError("ft paraphrases feature maps with convolutions; choose (B, C, H, W) feature layers")
+        factor = max(1, round(self.rate * t.shape[1]))
+        self.paraphraser = Paraphraser(t.shape[1], factor)
+        self.translator = nn.Sequential(*_block(nn.Conv2d(s.shape[1], s.shape[1], 3, padding=1), s.shape[1]),
+                                        *_block(nn.Conv2d(s.shape[1], factor, 3, padding=1), factor),
+                                        *_block(nn.Conv2d(factor, factor, 3, padding=1), factor))
+
+    def stages(self, epochs):
+        return [Stage("paraphraser", self.init_epochs, params=list(self.paraphraser.parameters())),
+                Stage("train", epochs, params=list(self.student.parameters()) + list(self.translator.parameters()))]
+
+    def on_stage_start(self, stage):
+        super().on_stage_start(stage)
+        self.paraphraser.requires_grad_(stage.name == "paraphraser")
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if hasattr(self, "paraphraser") and self.stage != "paraphraser":
+            self.paraphraser.eval()  # trained, then fixed: its BatchNorm statistics stay
+        return self
+
+    def training_step(self, batch):
+        if self.stage != "paraphraser":
+            return super().training_step(batch)
+        _, (t,) = self.teacher_outputs(batch)
+        return {"reconstruction": F.mse_loss(self.paraphraser(t), t)}, {}
+
+    def distill(self, s_feats, t_feats, batch):
+        with torch.no_grad():
+            factor_t = self.paraphraser.encoder(t_feats[0])
+        factor_s, factor_t = match_spatial(self.translator(s_feats[0]), factor_t)
+        return {"ft": self.weight * ft_loss(factor_s, factor_t, self.p, reduction="mean")}

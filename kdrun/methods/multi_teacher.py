@@ -1,0 +1,67 @@
+"""Distillation from an ensemble of teachers (`teachers=[...]`): the averaged soft targets of Hinton et al.
+(2015, Sec. 1) and You et al. (KDD 2017, "Learning from Multiple Teacher Networks"), or a weighted average.
+
+loss = (1 - alpha) * CE + alpha * T^2 * KL(sum_m w_m softmax(z_m / T) || softmax(s / T)), w uniform or
+`weights` (normalised to sum to 1).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.errors import KdrunError
+from kdrun.losses import ensemble_kd_loss
+from kdrun.methods.base import Method
+
+
+class Ensemble(nn.Module):
+    """Several teachers as one module. `forward` gives the log of their averaged probabilities (usable as
+    logits: its softmax is the ensemble's prediction); `members` gives each teacher."""
+
+    def __init__(self, members: list[nn.Module], names: list[str]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.name = "+".join(names)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, B, K): every member's logits."""
+        return torch.stack([m(x) for m in self.members])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.member_logits(x)
+        return torch.logsumexp(F.log_softmax(logits, dim=2), dim=0) - math.log(len(logits))
+
+
+class MultiTeacher(Method):
+    needs_teacher = True
+
+    def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.9, weights=None):
+        super().__init__(student, teacher)
+        self.temperature, self.alpha = temperature, alpha
+        self.weights = list(weights) if weights else None
+
+    def setup(self, data):
+        if not isinstance(self.teacher, Ensemble):
+            raise KdrunError("method=multi_teacher distils an ensemble; name its teachers with teachers=[...] "
+                             "(teacher presets such as [cnn, resnet8], or teacher configs)")
+        m = len(self.teacher.members)
+        if self.weights is not None and (len(self.weights) != m or min(self.weights) < 0 or sum(self.weights) <= 0):
+            raise KdrunError(f"method.weights={self.weights} must give {m} non-negative weights, one per teacher "
+                             "(or null for the plain average)")
+        weights = torch.tensor(self.weights or [1.0] * m, dtype=torch.float32)
+        self.register_buffer("mix", weights / weights.sum())
+
+    @torch.no_grad()
+    def teacher_outputs(self, batch):
+        """(M, B, K): each teacher's logits for the batch's teacher view."""
+        return self.teacher.member_logits(batch.get("teacher_image", batch["image"]))
+
+    def training_step(self, batch):
+        logits = self.student(batch["image"])
+        losses = {"ce": (1 - self.alpha) * F.cross_entropy(logits, batch["label"])}
+        if self.alpha:
+            soft = ensemble_kd_loss(logits, self.teacher_outputs(batch), self.temperature, self.mix)
+            losses["kd"] = self.alpha * soft
+        return losses, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
