@@ -1,0 +1,157 @@
+"""Pham, Dai, Xie, Luong & Le (CVPR 2021), "Meta Pseudo Labels".
+
+The teacher starts untrained and learns beside the student. Per step, on a labeled batch (x_l, y_l) and
+an unlabeled batch x_u (RandAugment-ed):
+
+1. the teacher's pseudo labels are sampled, y^_u ~ T(x_u; theta_T), and the student takes one step on them:
+   theta'_S = theta_S - eta_S * grad CE(y^_u, S(x_u; theta_S))                          (Sec. 3.1)
+2. the student's feedback is the first-order effect of that step on its labeled loss (Eq. 12):
+   h = eta_S * grad_{theta'_S} CE(y_l, S(x_l; theta'_S)) . grad_{theta_S} CE(y^_u, S(x_u; theta_S))
+   so h > 0 when the step lowered the student's labeled loss;
+3. the teacher descends  h * CE(y^_u, T(x_u))  (reinforcing y^_u when h > 0, Eq. 12), plus its own
+   supervised CE(y_l, T(x_l)) (label smoothing) and, with `uda_weight`, UDA's consistency loss (Xie et al.
+   2020): CE(sharpen(T(weak x_u), uda_temperature), T(x_u)) on the images whose un-sharpened confidence
+   reaches `uda_threshold`, its weight ramped up linearly over the first `uda_ramp` of the stage.
+
+Stages: "wait", the first `student_wait` of the epochs (rounded), where only the teacher learns (from the
+labeled data and UDA; the student's learning rate is 0, so h = 0); "mpl", where the student's own LR schedule
+(warm-up, decay) starts; "finetune", the student on labeled data alone at `finetune_lr_scale` times the
+schedule's rate. Two optimizers and LR schedules, both stepped through `engine.optimize` so AMP holds: the
+engine's for the student, a stage at a time, and the method's own for the teacher, over "wait" and "mpl".
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.data.semi import Stream
+from kdrun.engine import evaluate
+from kdrun.errors import KdrunError
+from kdrun.methods.base import Method, Stage
+
+
+def feedback(labeled_grads, unlabeled_grads, lr: float) -> torch.Tensor:
+    """h of Eq. 12: lr * <grad of the updated student's labeled loss, grad of its unlabeled loss>."""
+    dot = sum((a.float() * b.float()).sum() for a, b in zip(labeled_grads, unlabeled_grads)
+              if a is not None and b is not None)
+    return torch.nan_to_num(lr * torch.as_tensor(dot), nan=0.0, posinf=0.0, neginf=0.0)  # a skipped fp16 step
+
+
+class MPL(Method):
+    trains_teacher = True
+
+    def __init__(self, student, teacher, unlabeled_ratio: float = 7.0, randaugment: dict | None = None,
+                 label_smoothing: float = 0.15, uda_weight: float = 8.0, uda_temperature: float = 0.7,
+                 uda_threshold: float = 0.6, uda_ramp: float = 0.017, student_wait: float = 0.01,
+                 finetune_epochs: int = 1, finetune_lr_scale: float = 0.1):
+        super().__init__(student, teacher)
+        for name, value in (("uda_ramp", uda_ramp), ("student_wait", student_wait)):
+            if not 0 <= value < 1:
+                raise KdrunError(f"method.{name}={value}; give a fraction of the schedule's epochs in [0, 1)")
+        teacher.requires_grad_(True)
+        self.unlabeled = Stream(unlabeled_ratio, dict(randaugment) if randaugment else None,
+                                weak_view=uda_weight > 0)
+        self.label_smoothing = label_smoothing
+        self.uda_weight, self.uda_temperature, self.uda_threshold = uda_weight, uda_temperature, uda_threshold
+        self.uda_ramp, self.student_wait = uda_ramp, student_wait
+        self.uda_steps = 0  # set from the schedule's length
+        self.finetune_epochs, self.finetune_lr_scale = finetune_epochs, finetune_lr_scale
+        self.teacher_optimizer = self.teacher_scheduler = None
+        self._teacher_state = None  # the teacher's optimizer state, loaded before the optimizer exists
+        self.teacher_acc = None  # the teacher's test accuracy after the MPL stage
+        self.phase = "mpl"
+
+    def stages(self, epochs):
+        params = list(self.student.parameters())
+        wait = round(self.student_wait * epochs)
+        stages = [Stage("wait", wait, params=params, info={"teacher_epochs": epochs}),
+                  Stage("mpl", epochs - wait, params=params, info={"teacher_epochs": epochs}),
+                  Stage("finetune", self.finetune_epochs, params=params, lr_scale=self.finetune_lr_scale)]
+        return [s for s in stages if s.epochs]
+
+    def on_stage_start(self, stage):
+        self.phase = stage.name
+        if stage.name != "finetune" and self.teacher_optimizer is None:  # one schedule over "wait" and "mpl"
+            epochs = stage.info["teacher_epochs"]
+            self.uda_steps = round(self.uda_ramp * epochs * len(self.engine.train_loader))
+            self.teacher_optimizer, self.teacher_scheduler = self.engine.make_optimizer(
+                list(self.teacher.parameters()), epochs)
+            if self._teacher_state is not None:
+                self.set_extra_state(self._teacher_state)
+
+    def on_stage_end(self, stage):
+        if stage.name == "mpl":
+            engine = self.engine
+            self.teacher_acc = evaluate(self.teacher, engine.test_loader, engine.autocast)["acc"]
+            engine.logger.log({"mpl/teacher_test_acc": self.teacher_acc}, engine.step)
+
+    def summary(self):
+        return {"mpl/teacher_test_acc": self.teacher_acc}
+
+    def train(self, mode: bool = True):
+        nn.Module.train(self, mode)  # the teacher trains too: its dropout and BatchNorm are on
+        return self
+
+    def training_step(self, batch):  # the fine-tuning stage: the student on labeled data
+        logits = self.student(batch["image"])
+        return ({"ce": F.cross_entropy(logits, batch["label"])},
+                {"acc": (logits.argmax(1) == batch["label"]).float().mean()})
+
+    def step(self, batch, engine):
+        if self.phase == "finetune":
+            return super().step(batch, engine)
+        x, y, u = batch["image"], batch["label"], batch["unlabeled_image"]
+        n, m = len(x), len(u)
+        views = [x, u] + ([batch["unlabeled_weak_image"]] if self.uda_weight else [])
+        with engine.autocast():
+            t_logits = self.teacher(torch.cat(views))
+            t_x, t_u = t_logits[:n], t_logits[n:n + m]
+            teacher_losses = {"teacher_ce": F.cross_entropy(t_x, y, label_smoothing=self.label_smoothing)}
+            if self.uda_weight:
+                teacher_losses["teacher_uda"] = self._uda(t_logits[n + m:].detach().float(), t_u.float(), engine.step)
+        pseudo = torch.multinomial(F.softmax(t_u.detach().float(), dim=1), 1).squeeze(1)  # y^_u ~ T(x_u)
+        losses, h = {}, torch.zeros((), device=x.device)  # "wait": the student does not learn yet
+        if self.phase == "mpl":
+            losses["student"], h = self._student_step(engine, u, pseudo, x, y)
+            with engine.autocast():
+                teacher_losses["teacher_mpl"] = h * F.cross_entropy(t_u, pseudo)
+        engine.optimize(sum(teacher_losses.values()), optimizer=self.teacher_optimizer,
+                        scheduler=self.teacher_scheduler)
+        losses.update({k: v.detach() for k, v in teacher_losses.items()})
+        return losses, {"h": h, "teacher_acc": (t_x.argmax(1) == y).float().mean()}
+
+    def _student_step(self, engine, u, pseudo, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's step on the pseudo labels; its loss, and h (Eq. 12) from the gradients around it."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        with engine.autocast():
+            loss = F.cross_entropy(self.student(u), pseudo)
+        lr = engine.optimizer.param_groups[0]["lr"]  # eta_S of this step
+        engine.optimize(loss)  # theta_S -> theta'_S
+        unlabeled_grads = [p.grad.detach().clone() if p.grad is not None else None for p in params]
+        labeled_loss = F.cross_entropy(self.student(x).float(), y)  # in float32: the gradient enters h unscaled
+        labeled_grads = torch.autograd.grad(labeled_loss, params, allow_unused=True)
+        return loss.detach(), feedback(labeled_grads, unlabeled_grads, lr)
+
+    def _uda(self, weak: torch.Tensor, strong: torch.Tensor, step: int) -> torch.Tensor:
+        """UDA's consistency loss on the teacher: sharpened weak-view targets, confidence-masked, ramped up."""
+        target = F.softmax(weak / self.uda_temperature, dim=1)
+        mask = (F.softmax(weak, dim=1).max(1).values >= self.uda_threshold).float()
+        loss = (mask * -(target * F.log_softmax(strong, dim=1)).sum(1)).mean()
+        return self.uda_weight * min(1.0, (step + 1) / max(1, self.uda_steps)) * loss
+
+    def get_extra_state(self):
+        if self.teacher_optimizer is None:
+            return {"teacher_acc": self.teacher_acc}
+        return {"teacher_acc": self.teacher_acc, "optimizer": self.teacher_optimizer.state_dict(),
+                "scheduler": self.teacher_scheduler.state_dict()}
+
+    def set_extra_state(self, state):
+        self.teacher_acc = state.get("teacher_acc")
+        if "optimizer" not in state:
+            return
+        if self.teacher_optimizer is None:
+            self._teacher_state = state
+            return
+        self.teacher_optimizer.load_state_dict(state["optimizer"])
+        self.teacher_scheduler.load_state_dict(state["scheduler"])
+        self._teacher_state = None

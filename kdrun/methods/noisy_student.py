@@ -1,0 +1,105 @@
+"""Xie, Luong, Hovy & Le (CVPR 2020), "Self-training with Noisy Student improves ImageNet classification".
+
+Per iteration (a `Stage`): (1) the teacher, un-noised (eval mode, no augmentation), labels the unlabeled
+images: soft labels (its softmax) by default; (2) images whose confidence is below `threshold` are dropped
+and the classes are balanced: a predicted class with more than K images keeps its K most confident, one
+with fewer is duplicated up to K (here: weighted K / n_c); (3) a noised student (RandAugment on all its
+images, and `student.drop_rate` / `student.drop_path_rate`) trains from its initial weights on labeled +
+pseudo-labeled images, the loss of `PseudoLabel`; (4) the student becomes the teacher of the next iteration.
+Each iteration's teacher and student test accuracy goes to metrics.jsonl and summary.json, and each
+iteration's student to checkpoints/iteration<k>.pt.
+"""
+
+import copy
+
+import torch
+
+from kdrun import checkpoint
+from kdrun.engine import evaluate
+from kdrun.errors import KdrunError
+from kdrun.methods.base import Stage
+from kdrun.methods.pseudo_label import PseudoLabel
+
+
+class NoisyStudent(PseudoLabel):
+    noise_labeled = True  # the student is noised on all its images
+
+    def __init__(self, student, teacher, iterations: int = 3, hard: bool = False, threshold: float = 0.3,
+                 balance: bool = True, per_class: int | None = None, unlabeled_weight: float = 1.0,
+                 unlabeled_ratio: float = 3.0, randaugment: dict | None = None):
+        super().__init__(student, teacher, hard, threshold, unlabeled_weight, unlabeled_ratio, randaugment)
+        if iterations < 1:
+            raise KdrunError(f"method.iterations={iterations}; give at least 1")
+        self.iterations = iterations
+        self.balance = balance
+        self.per_class = per_class
+        # the previous iteration's student: the teacher from iteration 2 on
+        self.previous = copy.deepcopy(student).requires_grad_(False).eval()
+        self.initial = {k: v.clone() for k, v in student.state_dict().items()}  # each iteration's student starts here
+        self.register_buffer("iteration", torch.tensor(0))  # the iteration under way (0: none yet)
+        self.history: dict[str, float] = {}
+
+    def stages(self, epochs):
+        return [Stage(f"iteration{k}", epochs, params=list(self.student.parameters()), info={"iteration": k})
+                for k in range(1, self.iterations + 1)]
+
+    def on_stage_start(self, stage):
+        k = stage.info["iteration"]
+        if k > int(self.iteration):  # a new iteration (not one resumed): the student becomes the teacher
+            if k > 1:
+                self.previous.load_state_dict(self.student.state_dict())
+                self.student.load_state_dict(self.initial)
+            self.iteration.fill_(k)
+        super().on_stage_start(stage)
+
+    def on_stage_end(self, stage):
+        k, engine = stage.info["iteration"], self.engine
+        acc = evaluate(self.student, engine.test_loader, engine.autocast)["acc"]
+        self.history[f"iteration{k}/student_acc"] = acc
+        engine.logger.log({"noisy_student/iteration": k, "noisy_student/student_acc": acc}, engine.step)
+        if engine.run_dir is not None:
+            checkpoint.save({"model": self.student.state_dict(), **engine.checkpoint_meta, "iteration": k,
+                             "step": engine.step, "test_acc": acc},
+                            engine.run_dir / "checkpoints" / f"iteration{k}.pt")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.previous.eval()
+        return self
+
+    def labeler(self):
+        return self.teacher if int(self.iteration) <= 1 else self.previous
+
+    def make_labels(self, engine):
+        k = int(self.iteration)
+        acc = evaluate(self.labeler(), engine.test_loader, engine.autocast)["acc"]
+        self.history[f"iteration{k}/teacher_acc"] = acc
+        stats = super().make_labels(engine)
+        self.history.update({f"iteration{k}/{name}": v for name, v in stats.items()})
+        engine.logger.log({"noisy_student/iteration": k, "noisy_student/teacher_acc": acc}, engine.step)
+        return stats
+
+    def select(self, probs):
+        """Confidence filtering, then class balancing to K images per predicted class (Xie et al., Sec. 3)."""
+        weights = super().select(probs)
+        if not self.balance:
+            return weights
+        confidence, predicted = probs.max(1)
+        kept = weights > 0
+        k = self.per_class or round(int(kept.sum()) / probs.shape[1])
+        for c in range(probs.shape[1]):
+            members = torch.nonzero(kept & (predicted == c)).squeeze(1)
+            if len(members) > k:  # too many: keep the K most confident
+                weights[members[confidence[members].argsort(descending=True)[k:]]] = 0
+            elif len(members):  # too few: duplicate up to K
+                weights[members] = k / len(members)
+        return weights
+
+    def summary(self):
+        return dict(self.history)
+
+    def get_extra_state(self):
+        return {"history": dict(self.history)}
+
+    def set_extra_state(self, state):
+        self.history = dict(state["history"])

@@ -1,0 +1,194 @@
+"""Pseudo-label, Noisy Student, Data Distillation and Meta Pseudo Labels: the algorithms, then end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import make_cfg
+from kdrun import data as kdata, models
+from kdrun.data import semi
+from kdrun.data.loaders import Normalize
+from kdrun.engine import Engine
+from kdrun.errors import KdrunError
+from kdrun.methods.data_distillation import DataDistillation, zoom
+from kdrun.methods.mpl import MPL
+from kdrun.methods.noisy_student import NoisyStudent
+from kdrun.run import run
+from kdrun.teacher import build_model, cache_key
+
+
+def _cnn(**kwargs):
+    return models.create("cnn", 10, in_chans=1, width=4, **kwargs)
+
+
+def _engine(method, loader, test_loader=None, **schedule):
+    cfg = make_cfg("dataset=digits", "schedule=sgd_cosine")  # SGD, lr 0.05, Nesterov momentum 0.9
+    sched = OmegaConf.merge(cfg.schedule, {"epochs": 1}, {"optimizer": schedule})
+    return Engine(method, loader, test_loader, sched, cfg.trainer, run_dir=None)
+
+
+def _digits_split():
+    return kdata.build(make_cfg("dataset=digits", "dataset.labeled_per_class=5").dataset)
+
+
+def test_noisy_students_pseudo_labels_come_from_the_un_noised_teacher():
+    torch.manual_seed(0)
+    data = _digits_split()
+    teacher = _cnn(dropout=0.5)  # BatchNorm and dropout: both would change its outputs in train mode
+    method = NoisyStudent(_cnn(), teacher, iterations=1, threshold=0.0, randaugment={"num_ops": 2, "magnitude": 9})
+    loader = semi.loader(data, method.unlabeled, 16, "cpu", seed=0)
+    test_loader = kdata.loaders(data, 16, 1000, "cpu", seed=0)[1]
+    engine = _engine(method, loader, test_loader)
+    calls = []
+    teacher.register_forward_hook(lambda m, inputs, out: calls.append((m.training, inputs[0].clone())))
+    method.train()
+    method.on_stage_start(method.stages(1)[0])
+    method.make_labels(engine)
+    assert calls and not any(training for training, _ in calls)
+    clean = Normalize(data.mean, data.std, "cpu")(data.split.unlabeled.images)
+    labelled = torch.cat([x for _, x in calls if len(x) != len(data.splits.test)])
+    assert torch.equal(labelled, clean)  # no augmentation
+    with torch.no_grad():
+        assert torch.allclose(method.targets, F.softmax(teacher.eval()(clean), 1), atol=1e-6)
+    batch = next(iter(loader))  # ... while the student's images are noised
+    assert not torch.allclose(batch["unlabeled_image"], clean[batch["unlabeled_index"]])
+
+
+def test_noisy_student_balances_classes_and_the_student_becomes_the_teacher():
+    method = NoisyStudent(_cnn(), _cnn(), iterations=2, threshold=0.3)
+    probs = torch.tensor([[0.9, 0.1, 0.0]] * 3 + [[0.6, 0.4, 0.0]] + [[0.2, 0.8, 0.0]] + [[0.25, 0.25, 0.5]]
+                         + [[0.34, 0.33, 0.33]] * 0 + [[0.1, 0.1, 0.2]])
+    w = method.select(probs)  # kept: 4 of class 0, 1 of class 1, 1 of class 2, one below 0.3; K = 6 / 3 = 2
+    assert w.tolist() == [1, 1, 0, 0, 2, 2, 0]  # class 0: its 2 most confident; classes 1, 2: duplicated x2
+    first = {k: v.clone() for k, v in method.student.state_dict().items()}
+    stages = method.stages(1)
+    method.on_stage_start(stages[0])
+    assert method.labeler() is method.teacher
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(1.0)  # "training"
+    trained = {k: v.clone() for k, v in method.student.state_dict().items()}
+    method.on_stage_start(stages[1])
+    assert method.labeler() is method.previous and int(method.iteration) == 2
+    assert all(torch.equal(method.previous.state_dict()[k], v) for k, v in trained.items())
+    assert all(torch.equal(method.student.state_dict()[k], v) for k, v in first.items())
+    method.on_stage_start(stages[1])  # a resumed iteration does not swap again
+    assert all(torch.equal(method.previous.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_student_noise_reaches_the_model():
+    data = kdata.Data("x", kdata.Splits(None, None, 10, 1, 28), [0.3], [0.3], {})
+    assert build_model(make_cfg("student.drop_rate=0.5").student, data).dropout.p == 0.5  # cnn's `dropout`
+    with pytest.raises(KdrunError, match="does not take drop_path_rate"):
+        build_model(make_cfg("student.drop_path_rate=0.2").student, data)
+
+
+def test_data_distillation_ensembles_zooms_and_flips():
+    x = torch.arange(64.0).view(1, 1, 8, 8)
+    assert torch.equal(zoom(x, 1.0), x)
+    assert zoom(x, 2.0)[0, 0, 4, 4].item() == pytest.approx(8 * 3.75 + 3.75)  # pixel (4, 4) shows (3.75, 3.75)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    method = DataDistillation(model, model, scales=[1.0, 2.0], flip=True)
+    expected = torch.stack([F.softmax(model(v), 1) for v in (x, x.flip(3), zoom(x, 2.0), zoom(x, 2.0).flip(3))]).mean(0)
+    assert torch.allclose(method.predict(model, x), expected)
+
+
+class _SecondFeature(nn.Module):
+    """A teacher that sees only the second input feature (no bias): its labeled CE on x_l = (1, 0) is 0-gradient."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.fc = nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor(logits).view(2, 1))
+
+    def forward(self, x):
+        return self.fc(x[:, 1:2])
+
+
+@pytest.mark.parametrize("teacher_logits, pseudo, h_expected", [
+    ([1.0, 0.0], 0, 0.05 * 0.476270),   # labels x_u as y_l's class: the student's labeled loss falls, h > 0
+    ([0.0, 1.0], 1, -0.05 * 0.523730),  # the other class: the labeled loss rises, h < 0
+])
+def test_mpl_teacher_is_reinforced_exactly_when_its_pseudo_labels_help_the_student(
+        monkeypatch, teacher_logits, pseudo, h_expected):
+    """x_l = (1, 0) labelled 0, x_u = (1, 1); a zero linear student. One SGD+Nesterov step (lr 0.05, momentum
+    0.9) on CE(y^, S(x_u)) moves the student's logits on x_l by +-0.095 for class 0, so by hand
+    h = 0.05 * <g'_l, g_u> = 0.05 * (+0.47627 | -0.52373), and the teacher's probability of y^ must rise
+    exactly when h > 0 (Pham et al. 2021, Eq. 12)."""
+    monkeypatch.setattr(torch, "multinomial", lambda p, n: p.argmax(1, keepdim=True))  # y^_u: the teacher's mode
+    student = nn.Linear(2, 2, bias=False)
+    nn.init.zeros_(student.weight)
+    teacher = _SecondFeature(teacher_logits)
+    method = MPL(student, teacher, randaugment=None, uda_weight=0.0, label_smoothing=0.0, unlabeled_ratio=1)
+    batch = {"image": torch.tensor([[1.0, 0.0]]), "label": torch.tensor([0]),
+             "unlabeled_image": torch.tensor([[1.0, 1.0]]), "unlabeled_index": torch.tensor([0])}
+    engine = _engine(method, [batch], weight_decay=0.0)
+    stage = method.stages(1)[0]
+    engine.optimizer, engine.scheduler = engine.make_optimizer(stage.params, 1)
+    method.on_stage_start(stage)
+    before = F.softmax(teacher(batch["unlabeled_image"]), 1)[0, pseudo].item()
+    losses, metrics = method.step(batch, engine)
+    after = F.softmax(teacher(batch["unlabeled_image"]), 1)[0, pseudo].item()
+    assert metrics["h"].item() == pytest.approx(h_expected, abs=1e-6)
+    assert (after > before) == (h_expected > 0) and after != before
+    assert losses["teacher_ce"].item() == pytest.approx(F.cross_entropy(torch.zeros(1, 2), torch.tensor([0])).item())
+
+
+def test_mpl_keeps_its_teacher_and_teacher_optimizer_in_its_state():
+    def make():
+        torch.manual_seed(0)
+        m = MPL(_cnn(), _cnn(), randaugment=None, uda_weight=0.0)
+        e = _engine(m, [None] * 4)
+        m.on_stage_start(m.stages(1)[0])
+        return m, e
+
+    method, _ = make()
+    method.teacher_optimizer.state["x"] = {"momentum_buffer": torch.ones(1)}  # as after some steps
+    method.teacher_optimizer.step()
+    method.teacher_scheduler.step()
+    state = method.state_dict()
+    assert any(k.startswith("teacher.") for k in state) and "_extra_state" in state
+    fresh, _ = make()
+    fresh.load_state_dict(state)
+    assert fresh.teacher_scheduler.last_epoch == 1
+    assert torch.equal(fresh.teacher_optimizer.state_dict()["state"]["x"]["momentum_buffer"], torch.ones(1))
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("pseudo_label", []),
+    ("noisy_student", ["method.iterations=2", "method.threshold=0.1", "student.drop_rate=0.3"]),
+    ("data_distillation", ["method.flip=false"]),
+    ("mpl", ["schedule.epochs=2", "method.student_wait=0.5", "method.uda_ramp=0.5", "trainer.max_steps=9"]),
+])
+def test_each_method_runs_end_to_end_on_digits(tmp_path, method, extra):
+    """Tiny runs: 50 labeled images (3 steps an epoch, batches of 16) beside 1387 unlabeled ones."""
+    cfg = make_cfg("dataset=digits", f"method={method}", "dataset.labeled_per_class=5", "schedule=sgd_cosine",
+                   "schedule.batch_size=16", "schedule.epochs=1", "trainer.max_steps=8", "teacher=cnn_small",
+                   "teacher.epochs=2", *extra)
+    summary = run(cfg, tmp_path, method_name=method)
+    assert 0 <= summary["test/acc"] <= 1 and summary["method"] == method
+    assert json.loads((tmp_path / "split.json").read_text())["num_labeled"] == 50
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    if method == "noisy_student":
+        assert {"iteration1/teacher_acc", "iteration1/student_acc", "iteration2/teacher_acc",
+                "iteration2/student_acc"} <= set(summary)
+        assert summary["iteration2/teacher_acc"] == summary["iteration1/student_acc"]
+        ckpt = torch.load(tmp_path / "checkpoints" / "iteration1.pt", weights_only=True)
+        assert ckpt["iteration"] == 1 and (tmp_path / "checkpoints" / "iteration2.pt").is_file()
+        assert sum("noisy_student/teacher_acc" in r for r in rows) == 2
+    elif method == "mpl":
+        assert summary["teacher/test_acc"] is None and summary["epochs"] == 3  # wait, MPL, fine-tuning
+        assert [r["train/h"] == 0 for r in rows if "train/h" in r] == [True, False]  # the student waits, then learns
+        assert 0 <= summary["mpl/teacher_test_acc"] <= 1
+        assert any("train/h" in r for r in rows)
+        assert "_extra_state" in torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["method"]
+    else:
+        assert any("pseudo/acc" in r for r in rows) and summary["teacher/test_acc"] is not None
+        teacher = torch.load(Path(cfg.paths.cache_dir) / "teachers" / cache_key(cfg) / "teacher.pt", weights_only=True)
+        assert teacher["summary"]["steps"] == 2 * (50 // 16)  # trained on the 50 labeled images alone
