@@ -46,17 +46,24 @@ class TeacherCache:
 
 def training_views(method: Method, data: kdata.Data, cfg: DictConfig, device) -> Views:
     """The views `method`'s training batches carry. With `teacher.cache=true`, also gives the method its
-    teacher cache, read from `paths.cache_dir` or built there first."""
+    teacher cache, read from `paths.cache_dir` or built there first; with `auto` (the default), only when the
+    method reads nothing but the teacher's logits and the teacher sees clean images (no stored views)."""
     views = Views(method.teacher_input, method.mixup_alpha)
-    if method.teacher is None or not cfg.teacher.get("cache"):
+    mode = cfg.teacher.get("cache")
+    if method.teacher is None or not mode:
         return views
-    if not method.teacher_cacheable:
-        raise KdrunError(f"{type(method).__name__} uses more of the teacher than its logits, which the teacher "
-                         "cache does not hold; set teacher.cache=false")
-    stored = None
     in_memory = isinstance(data.splits.train, InMemory)
     # without augmentation or mixup, the teacher's view of an in-memory image is the clean image itself
-    if views.teacher != "clean" and not (in_memory and not kdata.train_augment(data) and not views.mixup_alpha):
+    clean = views.teacher == "clean" or (in_memory and not kdata.train_augment(data) and not views.mixup_alpha)
+    if mode == "auto" and not (method.teacher_cacheable and clean):
+        return views  # auto: only where the cache gives exactly the teacher's outputs of every step
+    if mode not in (True, "auto"):
+        raise KdrunError(f"teacher.cache={mode}; use auto, true or false")
+    if not method.teacher_cacheable:
+        raise KdrunError(f"{type(method).__name__} uses more of the teacher than its logits, which the teacher "
+                         "cache does not hold; set teacher.cache=false (or auto)")
+    stored = None
+    if not clean:
         if not in_memory:
             raise KdrunError(f"{data.name} is read from files, and stored augmented views (teacher.cache with a method "
                              "whose teacher sees augmented images) need an in-memory dataset; set teacher.cache=false")

@@ -132,3 +132,25 @@ def test_without_augmentation_every_teacher_view_is_the_clean_image_and_cached_o
     batch = next(iter(train))
     assert train.stored is None and "view" not in batch and method.teacher_cache.logits.shape == (1437, 10)
     assert torch.allclose(method.teacher_outputs(batch), method.teacher(batch["image"]), atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode, overrides, cached", [
+    ("consistent", ["dataset.augment.crop_padding=0"], True),  # un-augmented: the cache is exact
+    ("fixed", [], True),  # the teacher sees the clean image whatever the student sees
+    ("consistent", [], False),  # augmented views: stored views only when asked for (teacher.cache=true)
+])
+def test_auto_caches_only_where_the_cache_is_exact(tmp_path, mode, overrides, cached):
+    cfg = make_cfg(*DIGITS, "teacher.cache=auto", f"paths.cache_dir={tmp_path}", *overrides)
+    data = kdata.build(cfg.dataset)
+    method = FunMatch(build_model(cfg.student, data), build_model(cfg.teacher, data).eval(), teacher_view=mode)
+    views = cache.training_views(method, data, cfg, "cpu")
+    assert (method.teacher_cache is not None) == cached and views.stored is None
+
+
+def test_auto_leaves_a_method_that_reads_more_than_logits_to_its_teacher(tmp_path):
+    cfg = make_cfg(*DIGITS, "teacher.cache=auto", "dataset.augment.crop_padding=0", f"paths.cache_dir={tmp_path}")
+    method = Supervised(torch.nn.Linear(64, 10))
+    method.teacher = torch.nn.Linear(64, 10)
+    cache.training_views(method, kdata.build(cfg.dataset), cfg, "cpu")
+    assert method.teacher_cache is None and not (tmp_path / "logits").exists()
