@@ -168,9 +168,7 @@ def _crd_presets():
                   if p.name.endswith(".yaml"))
 
 
-def test_crd_benchmark_presets_compose_with_their_published_settings():
-    presets = _crd_presets()
-    assert len(presets) >= 11 * 18
+def _check_crd_presets(presets):
     for name in presets:
         cfg = make_cfg(f"experiment=crd/{name}")
         pair = name.split("-")[0]
@@ -178,10 +176,24 @@ def test_crd_benchmark_presets_compose_with_their_published_settings():
         assert f"{cfg.teacher.name}_{cfg.student.name}" == pair and cfg.method._target_
         small = cfg.student.name in ("mobilenetv2", "shufflenetv1", "shufflenetv2")
         assert cfg.schedule.optimizer.lr == (0.01 if small else 0.05)
+
+
+def test_crd_benchmark_presets_compose_with_their_published_settings():
+    """A whole row, every pair's KD and the settings that differ from the methods' defaults (the whole
+    table is the slow test below)."""
+    presets = _crd_presets()
+    assert len(presets) >= 11 * 18
+    row = [p for p in presets if p.startswith("resnet32x4_resnet8x4-")]
+    _check_crd_presets(row + [p for p in presets if p.endswith("-kd")])
     fitnet = make_cfg("experiment=crd/resnet32x4_resnet8x4-fitnet").method
     assert fitnet.stages == 1 and fitnet.weight == 100
     assert make_cfg("experiment=crd/resnet56_resnet20-dkd").method.beta == 2
     assert make_cfg("experiment=crd/vgg13_vgg8-crd_kd").method.kd_weight == 1
+
+
+@pytest.mark.slow
+def test_every_crd_benchmark_preset_composes():
+    _check_crd_presets(_crd_presets())
 
 
 @pytest.mark.parametrize("name", ["resnet32x4_shufflenetv2-at", "wrn_40_2_shufflenetv1-ofd",
