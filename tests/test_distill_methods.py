@@ -161,45 +161,52 @@ def test_unknown_teacher_preset_is_refused(tmp_path):
         run(_cfg("multi_teacher", "teachers=[cnn,nope]"), tmp_path, "multi_teacher")
 
 
-def _crd_presets():
+def _crd_rows() -> dict[str, list[str]]:
+    """Each CRD benchmark pair preset and the methods of the one-multirun command its header gives."""
     from importlib.resources import files
 
-    return sorted(p.name[:-5] for p in files("kdrun.conf").joinpath("experiment", "crd").iterdir()
-                  if p.name.endswith(".yaml"))
+    rows = {}
+    for path in files("kdrun.conf").joinpath("experiment", "crd").iterdir():
+        (command,) = [line for line in path.read_text().splitlines() if line.startswith("#   kdrun -m experiment=crd/")]
+        experiment, methods = command.split()[3:5]
+        assert experiment == f"experiment=crd/{path.name[:-5]}" and methods.startswith("method=")
+        rows[path.name[:-5]] = methods[len("method="):].split(",")
+    return dict(sorted(rows.items()))
 
 
-def _check_crd_presets(presets):
-    for name in presets:
-        cfg = make_cfg(f"experiment=crd/{name}")
-        pair = name.split("-")[0]
+def _check_crd_cells(cells):
+    for pair, method in cells:
+        cfg = make_cfg(f"experiment=crd/{pair}", f"method={method}")
         assert cfg.dataset.name == "cifar100" and cfg.schedule.epochs == 240
         assert f"{cfg.teacher.name}_{cfg.student.name}" == pair and cfg.method._target_
         small = cfg.student.name in ("mobilenetv2", "shufflenetv1", "shufflenetv2")
         assert cfg.schedule.optimizer.lr == (0.01 if small else 0.05)
 
 
-def test_crd_benchmark_presets_compose_with_their_published_settings():
-    """A whole row, every pair's KD and the settings that differ from the methods' defaults (the whole
-    table is the slow test below)."""
-    presets = _crd_presets()
-    assert len(presets) >= 11 * 18
-    row = [p for p in presets if p.startswith("resnet32x4_resnet8x4-")]
-    _check_crd_presets(row + [p for p in presets if p.endswith("-kd")])
-    fitnet = make_cfg("experiment=crd/resnet32x4_resnet8x4-fitnet").method
+def test_crd_benchmark_rows_compose_with_their_published_settings():
+    """One whole row and every row's cells with benchmark settings (all 200 cells: the slow test below)."""
+    rows = _crd_rows()
+    assert len(rows) == 11 and all(len(methods) >= 18 for methods in rows.values())
+    _check_crd_cells([("resnet32x4_resnet8x4", m) for m in rows["resnet32x4_resnet8x4"]]
+                     + [(pair, m) for pair, methods in rows.items() for m in methods if m.startswith("crd/")])
+    fitnet = make_cfg("experiment=crd/resnet32x4_resnet8x4", "method=crd/fitnet").method
     assert fitnet.stages == 1 and fitnet.weight == 100
-    assert make_cfg("experiment=crd/resnet56_resnet20-dkd").method.beta == 2
-    assert make_cfg("experiment=crd/vgg13_vgg8-crd_kd").method.kd_weight == 1
+    kd = make_cfg("experiment=crd/resnet32x4_resnet8x4", "method=crd/kd").method
+    assert kd.temperature == 4 and kd.alpha == 0.9
+    assert "crd/dkd_beta2" in rows["resnet56_resnet20"] and "dkd" in rows["resnet32x4_resnet8x4"]
+    assert make_cfg("method=crd/dkd_beta6").method.beta == 6
+    assert make_cfg("method=crd/crd_kd").method.kd_weight == 1
 
 
 @pytest.mark.slow
-def test_every_crd_benchmark_preset_composes():
-    _check_crd_presets(_crd_presets())
+def test_every_crd_benchmark_cell_composes():
+    _check_crd_cells([(pair, m) for pair, methods in _crd_rows().items() for m in methods])
 
 
-@pytest.mark.parametrize("name", ["resnet32x4_shufflenetv2-at", "wrn_40_2_shufflenetv1-ofd",
-                                  "vgg13_mobilenetv2-fitnet", "wrn_40_2_shufflenetv1-reviewkd"])
-def test_cross_architecture_presets_pair_their_features(name):
-    cfg = make_cfg(f"experiment=crd/{name}")
+@pytest.mark.parametrize("pair, method", [("resnet32x4_shufflenetv2", "at"), ("wrn_40_2_shufflenetv1", "ofd"),
+                                          ("vgg13_mobilenetv2", "crd/fitnet"), ("wrn_40_2_shufflenetv1", "reviewkd")])
+def test_cross_architecture_presets_pair_their_features(pair, method):
+    cfg = make_cfg(f"experiment=crd/{pair}", f"method={method}")
     fake = kdata.InMemory(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.arange(8))
     data = kdata.Data("cifar100", kdata.Splits(fake, fake, 100, 3, 32), [0.5] * 3, [0.5] * 3, {})
     teacher, student = build_model(cfg.teacher, data), build_model(cfg.student, data)
