@@ -33,15 +33,16 @@ FORMAT = 1
 
 
 class TeacherCache:
-    """Cached teacher logits, (N, C) for the clean view or (N, K, C) for K stored views per image."""
+    """Cached teacher outputs, (N, ...) for the clean view or (N, K, ...) for K stored views per image."""
 
-    def __init__(self, logits: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, stored_views: bool):
         self.logits = logits
+        self.stored_views = stored_views
 
     def lookup(self, batch: dict) -> torch.Tensor:
-        if self.logits.dim() == 2:
-            return self.logits[batch["index"]]
-        return self.logits[batch["index"], batch["view"]]
+        if self.stored_views:
+            return self.logits[batch["index"], batch["view"]]
+        return self.logits[batch["index"]]
 
 
 def training_views(method: Method, data: kdata.Data, cfg: DictConfig, device) -> Views:
@@ -71,20 +72,21 @@ def training_views(method: Method, data: kdata.Data, cfg: DictConfig, device) ->
         if k < 1:
             raise KdrunError(f"teacher.cache_views={k}; give the number of stored views per image (>= 1)")
         stored = StoredViews.draw(len(data.splits.train), k, kdata.train_augment(data), views.mixup_alpha)
-    fields = cache_fields(method.teacher, data, stored)
+    teacher = method.cached_teacher()
+    fields = cache_fields(teacher, data, stored)
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.paths.cache_dir).expanduser() / "logits" / f"{key}.pt"
     n, k = len(data.splits.train), stored.k if stored is not None else None
-    shape = (n, data.num_classes) if k is None else (n, k, data.num_classes)
+    shape = (n, *(() if k is None else (k,)), *output_shape(teacher, data, device))
     saved = read(path, fields, shape)
     if saved is not None:
         log.info("teacher cache: reusing %s (%s); the teacher does not run", path, _what(n, k))
         logits, stored = saved
     else:
         log.info("teacher cache: computing the teacher's outputs on %s into %s", _what(n, k), path)
-        logits = compute(method.teacher, data, stored, device, cfg.trainer.eval_batch_size)
+        logits = compute(teacher, data, stored, device, cfg.trainer.eval_batch_size, shape[1 + (k is not None):])
         write(path, fields, logits, stored)
-    method.teacher_cache = TeacherCache(logits.to(device))
+    method.teacher_cache = TeacherCache(logits.to(device), stored is not None)
     return Views(views.teacher, views.mixup_alpha, cached=True, stored=stored)
 
 
@@ -169,9 +171,19 @@ def write(path: Path, fields: dict, logits: torch.Tensor, stored: StoredViews | 
 
 
 @torch.inference_mode()
+def output_shape(teacher: torch.nn.Module, data: kdata.Data, device) -> tuple[int, ...]:
+    """The shape of the teacher's output for one image (its logits: (num_classes,))."""
+    was_training = teacher.training
+    out = teacher.eval()(torch.zeros(1, data.in_chans, data.image_size, data.image_size, device=device))
+    teacher.train(was_training)
+    return tuple(out.shape[1:])
+
+
+@torch.inference_mode()
 def compute(teacher: torch.nn.Module, data: kdata.Data, stored: StoredViews | None, device,
-            batch_size: int) -> torch.Tensor:
-    """The teacher's logits (float32, on the CPU) on every training image: clean, or each stored view."""
+            batch_size: int, per_image: tuple[int, ...]) -> torch.Tensor:
+    """The teacher's outputs of shape `per_image` (float32, on the CPU) on every training image: clean, or
+    each stored view."""
     was_training = teacher.training
     teacher.eval()
     normalize = Normalize(data.mean, data.std, device)
@@ -181,7 +193,7 @@ def compute(teacher: torch.nn.Module, data: kdata.Data, stored: StoredViews | No
         images = train.images.to(device)
         augment = kdata.train_augment(data) or None
         views = stored.to(device) if stored is not None else None
-        out = torch.empty(n, *(() if stored is None else (stored.k,)), data.num_classes)
+        out = torch.empty(n, *(() if stored is None else (stored.k,)), *per_image)
         chunks = [(v, idx) for v in range(views.k if views else 1)
                   for idx in torch.arange(n, device=device).split(batch_size)]
         for v, idx in tqdm(chunks, desc="teacher cache", disable=None, leave=False):
@@ -192,7 +204,7 @@ def compute(teacher: torch.nn.Module, data: kdata.Data, stored: StoredViews | No
                 out[idx.cpu(), v] = teacher(x).float().cpu()
     else:
         _, test_tf = kdata.folder_transforms(data)
-        out = torch.empty(n, data.num_classes)
+        out = torch.empty(n, *per_image)
         for batch in tqdm(FolderLoader(train, test_tf, batch_size, normalize, device), desc="teacher cache",
                           disable=None, leave=False):
             out[batch["index"].cpu()] = teacher(batch["image"]).float().cpu()

@@ -154,3 +154,20 @@ def test_auto_leaves_a_method_that_reads_more_than_logits_to_its_teacher(tmp_pat
     method.teacher = torch.nn.Linear(64, 10)
     cache.training_views(method, kdata.build(cfg.dataset), cfg, "cpu")
     assert method.teacher_cache is None and not (tmp_path / "logits").exists()
+
+
+@torch.no_grad()
+def test_an_ensembles_cache_holds_every_members_logits(tmp_path):
+    from kdrun.methods.multi_teacher import Ensemble, MultiTeacher
+
+    cfg = make_cfg(*DIGITS, "teacher.cache=auto", "dataset.augment.crop_padding=0", f"paths.cache_dir={tmp_path}")
+    data = kdata.build(cfg.dataset)
+    torch.manual_seed(0)
+    members = [build_model(cfg.teacher, data).eval() for _ in range(2)]
+    method = MultiTeacher(build_model(cfg.student, data), Ensemble(members, ["mlp", "mlp"]))
+    method.setup(data)
+    views = cache.training_views(method, data, cfg, "cpu")
+    batch = next(iter(kdata.loaders(data, 64, 512, "cpu", seed=0, views=views)[0]))
+    assert method.teacher_cache.logits.shape == (1437, 2, 10)
+    want = torch.stack([m(batch["image"]) for m in members])  # (M, B, K), what the method reads uncached
+    torch.testing.assert_close(method.teacher_outputs(batch), want, atol=1e-5, rtol=1e-5)

@@ -76,6 +76,11 @@ class Method(nn.Module):
         engine.optimize(sum(losses.values()))
         return losses, metrics
 
+    def cached_teacher(self) -> nn.Module:
+        """The module whose outputs on each training image the teacher cache stores (`kdrun.cache`) and
+        `teacher_outputs` reads back: the teacher."""
+        return self.teacher
+
     @torch.no_grad()
     def teacher_outputs(self, batch: dict) -> torch.Tensor:
         """The teacher's logits for the batch's teacher view (`teacher_image`, else `image`), or the cached ones."""

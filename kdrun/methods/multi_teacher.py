@@ -2,7 +2,8 @@
 (2015, Sec. 1) and You et al. (KDD 2017, "Learning from Multiple Teacher Networks"), or a weighted average.
 
 loss = (1 - alpha) * CE + alpha * T^2 * KL(sum_m w_m softmax(z_m / T) || softmax(s / T)), w uniform or
-`weights` (normalised to sum to 1).
+`weights` (normalised to sum to 1). The teachers' logits can be precomputed (`teacher.cache`): the
+cache then holds every member's logits per image.
 """
 
 import math
@@ -34,8 +35,20 @@ class Ensemble(nn.Module):
         return torch.logsumexp(F.log_softmax(logits, dim=2), dim=0) - math.log(len(logits))
 
 
+class MemberLogits(nn.Module):
+    """(B, M, K): an ensemble's members' logits per image, what the teacher cache stores for it."""
+
+    def __init__(self, ensemble: Ensemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ensemble.member_logits(x).transpose(0, 1)
+
+
 class MultiTeacher(Method):
     needs_teacher = True
+    teacher_cacheable = True
 
     def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.9, weights=None):
         super().__init__(student, teacher)
@@ -53,9 +66,14 @@ class MultiTeacher(Method):
         weights = torch.tensor(self.weights or [1.0] * m, dtype=torch.float32)
         self.register_buffer("mix", weights / weights.sum())
 
+    def cached_teacher(self):
+        return MemberLogits(self.teacher)
+
     @torch.no_grad()
     def teacher_outputs(self, batch):
-        """(M, B, K): each teacher's logits for the batch's teacher view."""
+        """(M, B, K): each teacher's logits for the batch's teacher view (or the cached ones)."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.lookup(batch).transpose(0, 1)
         return self.teacher.member_logits(batch.get("teacher_image", batch["image"]))
 
     def training_step(self, batch):
