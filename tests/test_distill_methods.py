@@ -132,6 +132,16 @@ def test_crd_keeps_its_memory_in_the_state_dict_and_draws_negatives_of_other_cla
     assert torch.equal(fresh.memory_t, m.memory_t) and torch.equal(fresh.z, m.z)
 
 
+@pytest.mark.parametrize("bank", [100, 10_000])  # the dense product with the whole bank, and the gathered rows
+def test_crd_scores_pair_each_embedding_with_the_bank_rows_drawn_for_it(bank):
+    from kdrun.methods.crd import CRD
+
+    torch.manual_seed(0)
+    memory, v, idx = torch.randn(bank, 8), torch.randn(4, 8), torch.randint(0, bank, (4, 33))
+    want = torch.stack([torch.stack([memory[j] @ v[b] for j in row]) for b, row in enumerate(idx)])
+    torch.testing.assert_close(CRD.scores(memory, v, idx), want)
+
+
 def test_ofd_measures_its_margins_once():
     m, batch, _, _ = _method("ofd")
     m.train()

@@ -66,13 +66,22 @@ class CRD(FeatureMethod):
         rank = torch.minimum((torch.rand(len(index), self.nce_k, device=index.device) * others).long(), others - 1)
         return self.by_class[rank + size * (rank >= start)]
 
+    @staticmethod
+    def scores(memory: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + nce_k): <memory[idx[b, j]], v[b]>. With a bank not much larger than the samples drawn, one
+        dense product with the whole bank, then a gather of the scores, is far faster than gathering the
+        (B, 1 + nce_k, feat_dim) rows (the benchmark's bmm; on Fashion-MNIST's 60,000 images, 30x faster)."""
+        if len(memory) <= 8 * idx.shape[1]:
+            return torch.gather(v @ memory.T, 1, idx)
+        return torch.bmm(memory[idx], v.unsqueeze(2)).squeeze(2)
+
     def distill(self, s_feats, t_feats, batch):
         index = batch["index"]
         v_s = F.normalize(self.embed_s(s_feats[0].flatten(1)).float(), dim=1)
         v_t = F.normalize(self.embed_t(t_feats[0].flatten(1)).float(), dim=1)
         idx = torch.cat([index.unsqueeze(1), self.negatives(index)], dim=1)
-        out_s = torch.exp(torch.bmm(self.memory_t[idx], v_s.unsqueeze(2)).squeeze(2) / self.nce_t)
-        out_t = torch.exp(torch.bmm(self.memory_s[idx], v_t.unsqueeze(2)).squeeze(2) / self.nce_t)
+        out_s = torch.exp(self.scores(self.memory_t, v_s, idx) / self.nce_t)
+        out_t = torch.exp(self.scores(self.memory_s, v_t, idx) / self.nce_t)
         n = len(self.labels)
         if not self.z_known:  # checked once per process: a resumed run brings its Z in the state dict
             if self.z[0] < 0:
