@@ -45,7 +45,7 @@ def arch(cfg: DictConfig, data: kdata.Data) -> dict:
 
 def cache_key(cfg: DictConfig) -> str:
     """A short hash of what determines a trained teacher; paths and download flags do not count."""
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in ("root", "download")}
     dataset["source"] = {k: v for k, v in dataset["source"].items() if k not in ("root", "download")}
     split = {k: dataset.pop(k, None) for k in ("labeled_per_class", "labeled_fraction", "split_seed")}
     schedule = OmegaConf.to_container(cfg.schedule, resolve=True)

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import kdrun, make_cfg, needs_fashion_mnist
 from kdrun import data as kdata
-from kdrun.teacher import build_model
+from kdrun.teacher import build_model, cache_key
 
 SUMMARY_KEYS = {"test/acc", "test/acc_best", "teacher/test_acc", "method", "seed", "steps", "wall_s",
                 "train/samples_per_s"}
@@ -70,6 +70,12 @@ def test_supervised_run_writes_the_run_dir_contract(tmp_path):
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(run / "checkpoints" / name, weights_only=True)
         assert ckpt["arch"]["num_classes"] == 10
+
+
+def test_the_teacher_cache_key_ignores_where_the_data_lives():
+    here = cache_key(make_cfg("paths.data_dir=/a"))
+    assert cache_key(make_cfg("paths.data_dir=/b", "dataset.download=false")) == here
+    assert cache_key(make_cfg("paths.data_dir=/a", "teacher.epochs=3")) != here
 
 
 def test_kd_trains_caches_and_reuses_its_teacher_reproducibly(tmp_path):
