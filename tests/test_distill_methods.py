@@ -142,6 +142,15 @@ def test_crd_scores_pair_each_embedding_with_the_bank_rows_drawn_for_it(bank):
     torch.testing.assert_close(CRD.scores(memory, v, idx), want)
 
 
+@pytest.mark.parametrize("nce_k", [64, 1024])  # the benchmark's gather of bank rows, and the dense product
+def test_crd_trains_through_either_scoring_of_its_memory_bank(nce_k):
+    m, batch, _, _ = _method("crd", f"method.nce_k={nce_k}")
+    m.train()
+    losses, _ = m.training_step(batch)  # also updates the banks, before the backward
+    sum(losses.values()).backward()
+    assert m.embed_s.weight.grad is not None and m.embed_s.weight.grad.abs().sum() > 0
+
+
 def test_ofd_measures_its_margins_once():
     m, batch, _, _ = _method("ofd")
     m.train()

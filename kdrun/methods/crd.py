@@ -71,8 +71,8 @@ class CRD(FeatureMethod):
         """(B, 1 + nce_k): <memory[idx[b, j]], v[b]>. With a bank not much larger than the samples drawn, one
         dense product with the whole bank, then a gather of the scores, is far faster than gathering the
         (B, 1 + nce_k, feat_dim) rows (the benchmark's bmm; on Fashion-MNIST's 60,000 images, 30x faster)."""
-        if len(memory) <= 8 * idx.shape[1]:
-            return torch.gather(v @ memory.T, 1, idx)
+        if len(memory) <= 8 * idx.shape[1]:  # a copy of the bank: the step updates it before the backward
+            return torch.gather(v @ memory.T.clone(), 1, idx)
         return torch.bmm(memory[idx], v.unsqueeze(2)).squeeze(2)
 
     def distill(self, s_feats, t_feats, batch):
