@@ -111,21 +111,24 @@ class _SecondFeature(nn.Module):
         return self.fc(x[:, 1:2])
 
 
+@pytest.mark.parametrize("pseudo_labels", ["sample", "argmax"])
 @pytest.mark.parametrize("teacher_logits, pseudo, h_expected", [
     ([1.0, 0.0], 0, 0.05 * 0.476270),   # labels x_u as y_l's class: the student's labeled loss falls, h > 0
     ([0.0, 1.0], 1, -0.05 * 0.523730),  # the other class: the labeled loss rises, h < 0
 ])
 def test_mpl_teacher_is_reinforced_exactly_when_its_pseudo_labels_help_the_student(
-        monkeypatch, teacher_logits, pseudo, h_expected):
+        monkeypatch, teacher_logits, pseudo, h_expected, pseudo_labels):
     """x_l = (1, 0) labelled 0, x_u = (1, 1); a zero linear student. One SGD+Nesterov step (lr 0.05, momentum
     0.9) on CE(y^, S(x_u)) moves the student's logits on x_l by +-0.095 for class 0, so by hand
     h = 0.05 * <g'_l, g_u> = 0.05 * (+0.47627 | -0.52373), and the teacher's probability of y^ must rise
     exactly when h > 0 (Pham et al. 2021, Eq. 12)."""
-    monkeypatch.setattr(torch, "multinomial", lambda p, n: p.argmax(1, keepdim=True))  # y^_u: the teacher's mode
+    if pseudo_labels == "sample":  # the draw y^_u ~ T(x_u) made the teacher's mode
+        monkeypatch.setattr(torch, "multinomial", lambda p, n: p.argmax(1, keepdim=True))
     student = nn.Linear(2, 2, bias=False)
     nn.init.zeros_(student.weight)
     teacher = _SecondFeature(teacher_logits)
-    method = MPL(student, teacher, randaugment=None, uda_weight=0.0, label_smoothing=0.0, unlabeled_ratio=1)
+    method = MPL(student, teacher, randaugment=None, uda_weight=0.0, label_smoothing=0.0, unlabeled_ratio=1,
+                 pseudo_labels=pseudo_labels)
     batch = {"image": torch.tensor([[1.0, 0.0]]), "label": torch.tensor([0]),
              "unlabeled_image": torch.tensor([[1.0, 1.0]]), "unlabeled_index": torch.tensor([0])}
     engine = _engine(method, [batch], weight_decay=0.0)

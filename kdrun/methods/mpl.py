@@ -3,7 +3,8 @@
 The teacher starts untrained and learns beside the student. Per step, on a labeled batch (x_l, y_l) and
 an unlabeled batch x_u (RandAugment-ed):
 
-1. the teacher's pseudo labels are sampled, y^_u ~ T(x_u; theta_T), and the student takes one step on them:
+1. the teacher's pseudo labels are sampled, y^_u ~ T(x_u; theta_T) (`pseudo_labels=sample`, the paper's; `argmax`
+   takes the teacher's most likely class instead), and the student takes one step on them:
    theta'_S = theta_S - eta_S * grad CE(y^_u, S(x_u; theta_S))                          (Sec. 3.1)
 2. the student's feedback is the first-order effect of that step on its labeled loss (Eq. 12):
    h = eta_S * grad_{theta'_S} CE(y_l, S(x_l; theta'_S)) . grad_{theta_S} CE(y^_u, S(x_u; theta_S))
@@ -43,8 +44,11 @@ class MPL(Method):
     def __init__(self, student, teacher, unlabeled_ratio: float = 7.0, randaugment: dict | None = None,
                  label_smoothing: float = 0.15, uda_weight: float = 8.0, uda_temperature: float = 0.7,
                  uda_threshold: float = 0.6, uda_ramp: float = 0.017, student_wait: float = 0.01,
-                 finetune_epochs: int = 1, finetune_lr_scale: float = 0.1):
+                 finetune_epochs: int = 1, finetune_lr_scale: float = 0.1, pseudo_labels: str = "sample"):
         super().__init__(student, teacher)
+        if pseudo_labels not in ("sample", "argmax"):
+            raise KdrunError(f"method.pseudo_labels={pseudo_labels}; use sample (the paper's) or argmax")
+        self.pseudo_labels = pseudo_labels
         for name, value in (("uda_ramp", uda_ramp), ("student_wait", student_wait)):
             if not 0 <= value < 1:
                 raise KdrunError(f"method.{name}={value}; give a fraction of the schedule's epochs in [0, 1)")
@@ -109,7 +113,8 @@ class MPL(Method):
             teacher_losses = {"teacher_ce": F.cross_entropy(t_x, y, label_smoothing=self.label_smoothing)}
             if self.uda_weight:
                 teacher_losses["teacher_uda"] = self._uda(t_logits[n + m:].detach().float(), t_u.float(), engine.step)
-        pseudo = torch.multinomial(F.softmax(t_u.detach().float(), dim=1), 1).squeeze(1)  # y^_u ~ T(x_u)
+        probs = F.softmax(t_u.detach().float(), dim=1)
+        pseudo = torch.multinomial(probs, 1).squeeze(1) if self.pseudo_labels == "sample" else probs.argmax(1)
         losses, h = {}, torch.zeros((), device=x.device)  # "wait": the student does not learn yet
         if self.phase == "mpl":
             losses["student"], h = self._student_step(engine, u, pseudo, x, y)
