@@ -143,6 +143,13 @@ def test_mpl_teacher_is_reinforced_exactly_when_its_pseudo_labels_help_the_stude
     assert losses["teacher_ce"].item() == pytest.approx(F.cross_entropy(torch.zeros(1, 2), torch.tensor([0])).item())
 
 
+@pytest.mark.parametrize("option, hint", [({"pseudo_labels": "soft"}, "use sample"),
+                                          ({"student_wait": 1.0}, "in \\[0, 1\\)")])
+def test_mpl_rejects_a_bad_option_with_the_fix(option, hint):
+    with pytest.raises(KdrunError, match=f"method.{next(iter(option))}=.*{hint}"):
+        MPL(_cnn(), _cnn(), randaugment=None, **option)
+
+
 def test_mpl_keeps_its_teacher_and_teacher_optimizer_in_its_state():
     def make():
         torch.manual_seed(0)
