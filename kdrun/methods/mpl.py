@@ -4,16 +4,12 @@ The teacher starts untrained and learns beside the student. Per step, on a label
 an unlabeled batch x_u (RandAugment-ed):
 
 1. the teacher's pseudo labels are sampled, y^_u ~ T(x_u; theta_T) (`pseudo_labels=sample`, the paper's; `argmax`
-   takes the teacher's most likely class instead; `soft` its whole distribution, as the authors' released code
-   trains the student), and the student takes one step on them:
+   takes the teacher's most likely class instead), and the student takes one step on them:
    theta'_S = theta_S - eta_S * grad CE(y^_u, S(x_u; theta_S))                          (Sec. 3.1)
 2. the student's feedback is the first-order effect of that step on its labeled loss (Eq. 12):
    h = eta_S * grad_{theta'_S} CE(y_l, S(x_l; theta'_S)) . grad_{theta_S} CE(y^_u, S(x_u; theta_S))
    so h > 0 when the step lowered the student's labeled loss;
-3. the teacher descends  h * CE(y^_u, T(x_u))  (reinforcing y^_u when h > 0, Eq. 12); with soft labels the
-   student's labeled loss is differentiable in them, so the teacher descends it directly, to the same first
-   order: sum_ik dL/dp_ik * T(x_u)_ik, dL/dp_ik = eta_S / m * <grad L_l(theta'_S), grad log S(x_u)_ik> (one
-   double backward, no sampling). Plus, in both cases, its own
+3. the teacher descends  h * CE(y^_u, T(x_u))  (reinforcing y^_u when h > 0, Eq. 12), plus its own
    supervised CE(y_l, T(x_l)) (label smoothing) and, with `uda_weight`, UDA's consistency loss (Xie et al.
    2020): CE(sharpen(T(weak x_u), uda_temperature), T(x_u)) on the images whose un-sharpened confidence
    reaches `uda_threshold`, its weight ramped up linearly over the first `uda_ramp` of the stage.
@@ -50,8 +46,8 @@ class MPL(Method):
                  uda_threshold: float = 0.6, uda_ramp: float = 0.017, student_wait: float = 0.01,
                  finetune_epochs: int = 1, finetune_lr_scale: float = 0.1, pseudo_labels: str = "sample"):
         super().__init__(student, teacher)
-        if pseudo_labels not in ("sample", "argmax", "soft"):
-            raise KdrunError(f"method.pseudo_labels={pseudo_labels}; use sample (the paper's), argmax or soft")
+        if pseudo_labels not in ("sample", "argmax"):
+            raise KdrunError(f"method.pseudo_labels={pseudo_labels}; use sample (the paper's) or argmax")
         self.pseudo_labels = pseudo_labels
         for name, value in (("uda_ramp", uda_ramp), ("student_wait", student_wait)):
             if not 0 <= value < 1:
@@ -117,27 +113,20 @@ class MPL(Method):
             teacher_losses = {"teacher_ce": F.cross_entropy(t_x, y, label_smoothing=self.label_smoothing)}
             if self.uda_weight:
                 teacher_losses["teacher_uda"] = self._uda(t_logits[n + m:].detach().float(), t_u.float(), engine.step)
-        pseudo = F.softmax(t_u.detach().float(), dim=1)  # "soft": the distribution itself
-        if self.pseudo_labels == "sample":
-            pseudo = torch.multinomial(pseudo, 1).squeeze(1)
-        elif self.pseudo_labels == "argmax":
-            pseudo = pseudo.argmax(1)
+        probs = F.softmax(t_u.detach().float(), dim=1)
+        pseudo = torch.multinomial(probs, 1).squeeze(1) if self.pseudo_labels == "sample" else probs.argmax(1)
         losses, h = {}, torch.zeros((), device=x.device)  # "wait": the student does not learn yet
         if self.phase == "mpl":
-            losses["student"], h, sensitivity = self._student_step(engine, u, pseudo, x, y)
-            if sensitivity is None:
-                with engine.autocast():
-                    teacher_losses["teacher_mpl"] = h * F.cross_entropy(t_u, pseudo)
-            else:
-                teacher_losses["teacher_mpl"] = (sensitivity * F.softmax(t_u.float(), dim=1)).sum()
+            losses["student"], h = self._student_step(engine, u, pseudo, x, y)
+            with engine.autocast():
+                teacher_losses["teacher_mpl"] = h * F.cross_entropy(t_u, pseudo)
         engine.optimize(sum(teacher_losses.values()), optimizer=self.teacher_optimizer,
                         scheduler=self.teacher_scheduler)
         losses.update({k: v.detach() for k, v in teacher_losses.items()})
         return losses, {"h": h, "teacher_acc": (t_x.argmax(1) == y).float().mean()}
 
-    def _student_step(self, engine, u, pseudo, x, y):
-        """The student's step on the pseudo labels (class indices or distributions); its loss, h (Eq. 12) from the
-        gradients around it, and for soft labels dL/dp, the labeled loss's first-order sensitivity to each."""
+    def _student_step(self, engine, u, pseudo, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's step on the pseudo labels; its loss, and h (Eq. 12) from the gradients around it."""
         params = [p for p in self.student.parameters() if p.requires_grad]
         with engine.autocast():
             loss = F.cross_entropy(self.student(u), pseudo)
@@ -146,16 +135,7 @@ class MPL(Method):
         unlabeled_grads = [p.grad.detach().clone() if p.grad is not None else None for p in params]
         labeled_loss = F.cross_entropy(self.student(x).float(), y)  # in float32: the gradient enters h unscaled
         labeled_grads = torch.autograd.grad(labeled_loss, params, allow_unused=True)
-        h = feedback(labeled_grads, unlabeled_grads, lr)
-        if pseudo.dim() == 1:
-            return loss.detach(), h, None
-        # <grad L_l, grad log S(x_u)_ik> for every i, k at once: the gradient of a vector-Jacobian product
-        # with respect to its (zero) vector
-        log_probs = F.log_softmax(self.student(u).float(), dim=1)
-        probe = torch.zeros_like(log_probs, requires_grad=True)
-        grads = torch.autograd.grad(log_probs, params, grad_outputs=probe, create_graph=True, allow_unused=True)
-        dot = sum((g * v).sum() for g, v in zip(grads, labeled_grads) if g is not None and v is not None)
-        return loss.detach(), h, lr / len(u) * torch.autograd.grad(dot, probe)[0]
+        return loss.detach(), feedback(labeled_grads, unlabeled_grads, lr)
 
     def _uda(self, weak: torch.Tensor, strong: torch.Tensor, step: int) -> torch.Tensor:
         """UDA's consistency loss on the teacher: sharpened weak-view targets, confidence-masked, ramped up."""
