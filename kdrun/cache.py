@@ -4,8 +4,9 @@ later run and sweep job, for methods whose teacher input does not depend on the 
 Two view recipes are cacheable: the clean (un-augmented) image (a fixed teacher view, or any view of a
 dataset trained without augmentation or mixup), and a stored set of K augmented views per image
 (`kdrun.data.StoredViews`: crop offsets, flip, mixup partner and coefficient, recorded in the file beside
-the teacher's outputs). `Method.teacher_outputs` then reads the cache by `batch["index"]` (and
-`batch["view"]`) instead of running the teacher, so methods do not know whether a cache is in use.
+the teacher's outputs). The run hands the cache to the method and to the loader factory;
+`Method.teacher_outputs` then reads it by `batch["index"]` (and `batch["view"]`) instead of running the
+teacher, so methods do not know whether a cache is in use.
 
 A cache file is `paths.cache_dir/logits/<key>.pt`, the key a hash of the teacher's weights, the training split
 (its content and normalisation) and the view recipe. It is used only when it is readable, records exactly
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from kdrun import checkpoint, data as kdata
-from kdrun.data.loaders import FolderLoader, Normalize, StoredViews, Views
+from kdrun.data.loaders import FolderLoader, Normalize, StoredViews
 from kdrun.data.sources import InMemory
 from kdrun.errors import KdrunError
 from kdrun.methods.base import Method
@@ -33,34 +34,35 @@ FORMAT = 1
 
 
 class TeacherCache:
-    """Cached teacher outputs, (N, ...) for the clean view or (N, K, ...) for K stored views per image."""
+    """Cached teacher outputs, (N, ...) for the clean view or (N, K, ...) for K `stored` views per image (the
+    loaders then draw the teacher's view among those)."""
 
-    def __init__(self, logits: torch.Tensor, stored_views: bool):
+    def __init__(self, logits: torch.Tensor, stored: StoredViews | None = None):
         self.logits = logits
-        self.stored_views = stored_views
+        self.stored = stored
 
     def lookup(self, batch: dict) -> torch.Tensor:
-        if self.stored_views:
+        if self.stored is not None:
             return self.logits[batch["index"], batch["view"]]
         return self.logits[batch["index"]]
 
 
-def training_views(method: Method, data: kdata.Data, cfg: DictConfig, device) -> Views:
-    """The views `method`'s training batches carry. With `teacher.cache=true`, also gives the method its
-    teacher cache, read from `paths.cache_dir` or built there first; with `auto` (the default), only when the
-    method reads nothing but the teacher's logits and the teacher sees clean images (no stored views)."""
-    views = Views(method.teacher_input, method.mixup_alpha)
+def teacher_cache(method: Method, data: kdata.Data, cfg: DictConfig, device) -> TeacherCache | None:
+    """The cached outputs of `method`'s teacher on the training set, read from `paths.cache_dir` or built there
+    first, when `teacher.cache=true`; with `auto` (the default), only when the method reads nothing but the
+    teacher's logits and the teacher sees clean images (no stored views); else None."""
+    spec = method.batch_spec
     mode = cfg.teacher.get("cache")
     if method.teacher is None or not mode:
-        return views
+        return None
     in_memory = isinstance(data.splits.train, InMemory)
     # without augmentation or mixup, the teacher's view of an in-memory image is the clean image itself
-    clean = views.teacher == "clean" or (in_memory and not kdata.train_augment(data) and not views.mixup_alpha)
-    if mode == "auto" and not (method.teacher_cacheable and clean):
-        return views  # auto: only where the cache gives exactly the teacher's outputs of every step
+    clean = spec.teacher_view == "clean" or (in_memory and not kdata.train_augment(data) and not spec.mixup_alpha)
+    if mode == "auto" and not (spec.cacheable and clean):
+        return None  # auto: only where the cache gives exactly the teacher's outputs of every step
     if mode not in (True, "auto"):
         raise KdrunError(f"teacher.cache={mode}; use auto, true or false")
-    if not method.teacher_cacheable:
+    if not spec.cacheable:
         raise KdrunError(f"{type(method).__name__} uses more of the teacher than its logits, which the teacher "
                          "cache does not hold; set teacher.cache=false (or auto)")
     stored = None
@@ -71,7 +73,7 @@ def training_views(method: Method, data: kdata.Data, cfg: DictConfig, device) ->
         k = int(cfg.teacher.cache_views)
         if k < 1:
             raise KdrunError(f"teacher.cache_views={k}; give the number of stored views per image (>= 1)")
-        stored = StoredViews.draw(len(data.splits.train), k, kdata.train_augment(data), views.mixup_alpha)
+        stored = StoredViews.draw(len(data.splits.train), k, kdata.train_augment(data), spec.mixup_alpha)
     teacher = method.cached_teacher()
     fields = cache_fields(teacher, data, stored)
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -86,8 +88,7 @@ def training_views(method: Method, data: kdata.Data, cfg: DictConfig, device) ->
         log.info("teacher cache: computing the teacher's outputs on %s into %s", _what(n, k), path)
         logits = compute(teacher, data, stored, device, cfg.trainer.eval_batch_size, shape[1 + (k is not None):])
         write(path, fields, logits, stored)
-    method.teacher_cache = TeacherCache(logits.to(device), stored is not None)
-    return Views(views.teacher, views.mixup_alpha, cached=True, stored=stored)
+    return TeacherCache(logits.to(device), stored)
 
 
 def cache_fields(teacher: torch.nn.Module, data: kdata.Data, stored: StoredViews | None) -> dict:

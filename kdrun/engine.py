@@ -1,12 +1,16 @@
 """The one training loop. It knows nothing of any method: it asks the method for its stages and,
 per batch, for its step; it owns optimisation, precision, evaluation, checkpoints and logging.
 
+Each stage draws its own training data and reports its own named evaluation sets (`Stage.data`,
+`Stage.evaluate`), asking the run's loader factory (`kdrun.data.Loaders`) for them. A method sees
+the loop only through `Loop`, handed to its stage hooks and its `step`.
+
 Resuming: `checkpoints/last.pt` holds everything the loop's future depends on (the method's whole
 state, optimizer, LR schedule, grad scaler, stage, epoch, step, the RNG streams, the training
 loader's state at the start of the epoch and how many batches of it were trained on), written at
 each epoch's end, every `trainer.checkpoint_every_steps` steps and on SIGTERM/SIGUSR1. A resumed
 run replays the loader's draws up to that batch without training on them, so it continues exactly
-as the uninterrupted run would have.
+as the uninterrupted run would have. (The training loaders of other stages keep their states too.)
 """
 
 import contextlib
@@ -20,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from kdrun import checkpoint, dist
+from kdrun.data import EvalSet, Loaders
 from kdrun.errors import KdrunError
+from kdrun.evaluation import evaluate
 from kdrun.loggers import RunLogger
 from kdrun.methods.base import Method, Stage
 
@@ -59,38 +64,64 @@ def lr_factor(schedule: DictConfig | dict, step: int, total_steps: int, steps_pe
     raise KdrunError(f"unknown schedule.lr_schedule '{kind}'; use cosine, step or constant")
 
 
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, ddp: bool = False) -> dict[str, float]:
-    """Top-1 accuracy (a fraction) and mean cross-entropy of `model` over `loader` (over every rank's
-    shard of it with `ddp`)."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)  # correct, loss, count
-    for batch in loader:
-        with autocast():
-            logits = model(batch["image"])
-        totals[0] += (logits.argmax(1) == batch["label"]).sum()
-        totals[1] += F.cross_entropy(logits.float(), batch["label"], reduction="sum")
-        totals[2] += len(batch["label"])
-    model.train(was_training)
-    if ddp:
-        dist.all_reduce_sum(totals)
-    correct, loss, n = totals.tolist()
-    return {"acc": correct / n, "loss": loss / n}
+def train(method: Method, loaders: Loaders, schedule: DictConfig, trainer: DictConfig, run_dir: str | Path | None = None,
+          logger: RunLogger | None = None, device="cpu", checkpoint_meta: dict | None = None, desc: str = "train",
+          ddp: bool = False, resume: str | Path | None = None) -> dict:
+    """Train `method` on `loaders` for `schedule`: the one train function, for a run's student and for a teacher
+    kdrun trains. Returns the engine's summary (see `Engine.fit`)."""
+    return Engine(method, loaders, schedule, trainer, run_dir, logger, device, checkpoint_meta, desc, ddp).fit(resume)
+
+
+class Loop:
+    """What a method may use of the loop that runs it, handed to its stage hooks and its own `step`:
+
+    `autocast()`, `optimize(loss, optimizer=None, scheduler=None, params=None)` (backward, AMP scaling,
+    clipping, DDP gradient sharing, the step), `make_optimizer(params, epochs, lr_scale=1.0)`,
+    `evaluate(model, on="test")` (a named evaluation set, or an `EvalSet`), `batches(on)` (the plain batches
+    of a named split, e.g. "unlabeled"), `log(row)`, `save(name, model, **meta)` (checkpoints/<name>.pt),
+    and where the loop is: `step`, `epoch`, `steps_per_epoch`, `lr` (the current learning rate).
+    """
+
+    def __init__(self, engine: "Engine"):
+        self.autocast = engine.autocast
+        self.optimize = engine.optimize
+        self.make_optimizer = engine.make_optimizer
+        self.evaluate = engine.evaluate
+        self.batches = engine.batches
+        self.log = engine.log
+        self.save = engine.save
+        self._engine = engine
+
+    @property
+    def step(self) -> int:
+        return self._engine.step
+
+    @property
+    def epoch(self) -> int:
+        """Completed epochs."""
+        return self._engine.epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._engine.train_loader)
+
+    @property
+    def lr(self) -> float:
+        return self._engine.optimizer.param_groups[0]["lr"]
 
 
 class Engine:
-    """Runs a method's stages over the training loader; evaluates on the test loader."""
+    """Runs a method's stages, each over its training loader; evaluates each stage's named sets."""
 
-    def __init__(self, method: Method, train_loader, test_loader, schedule: DictConfig, trainer: DictConfig,
-                 run_dir: str | Path | None, logger: RunLogger | None = None, device="cpu",
+    def __init__(self, method: Method, loaders: Loaders, schedule: DictConfig, trainer: DictConfig,
+                 run_dir: str | Path | None = None, logger: RunLogger | None = None, device="cpu",
                  checkpoint_meta: dict | None = None, desc: str = "train", ddp: bool = False):
         """`ddp`: this is one rank of several (`kdrun.dist`): gradients, metrics and evaluation are
         shared with the others; give `run_dir` and `logger` to rank 0 only."""
         self.method = method
-        method.engine = self  # its stage hooks reach the loaders, evaluation, logger and run dir
-        self.train_loader = train_loader
-        self.test_loader = test_loader
+        self.loaders = loaders
+        self.train_key, self.train_loader = None, None  # the current stage's training data
+        self.loop = Loop(self)
         self.schedule = schedule
         self.trainer = trainer
         self.run_dir = Path(run_dir) if run_dir else None
@@ -123,7 +154,7 @@ class Engine:
                          "wall_s": 0.0}
         self.signal = None  # set by SIGTERM/SIGUSR1 while fitting
 
-    # ---- helpers a method's own `step` may use -------------------------------------------------
+    # ---- what a method may use, through `Loop` ---------------------------------------------------
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -146,17 +177,40 @@ class Engine:
         if scheduler is not None:
             scheduler.step()
 
-    def make_optimizer(self, params, epochs: int, lr_scale: float = 1.0):
+    def make_optimizer(self, params, epochs: int, lr_scale: float = 1.0, steps_per_epoch: int | None = None):
         """An optimizer from the `schedule` config (its learning rate times `lr_scale`) and its per-step LR
-        schedule over `epochs`."""
+        schedule over `epochs` (of `steps_per_epoch` steps; default: the current stage's)."""
         optimizer = instantiate(self.schedule.optimizer, params=params)
         for group in optimizer.param_groups:
             group["lr"] *= lr_scale
-        steps_per_epoch = len(self.train_loader)
+        steps_per_epoch = steps_per_epoch or len(self.train_loader)
         total = epochs * steps_per_epoch
         schedule = OmegaConf.to_container(self.schedule, resolve=True)  # read per step: a plain dict is far faster
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, total, steps_per_epoch))
         return optimizer, scheduler
+
+    def evaluate(self, model: torch.nn.Module, on: str | EvalSet = "test") -> dict[str, float]:
+        """Accuracy and loss of `model` on an evaluation set (a name: that split, whole)."""
+        which = on if isinstance(on, EvalSet) else EvalSet(on, on)
+        return evaluate(model, self.loaders.evaluation(which), self.autocast, self.ddp,
+                        classes=which.classes if which.mask else None)
+
+    def batches(self, on: str):
+        """The plain batches (un-augmented, in order) of the split named `on`."""
+        return self.loaders.evaluation(EvalSet(on, on))
+
+    def log(self, row: dict) -> None:
+        """A row of metrics.jsonl (and W&B) at the current step."""
+        self.logger.log(row, self.step)
+
+    def save(self, name: str, model: torch.nn.Module | None = None, **extra) -> None:
+        """checkpoints/<name>.pt: `model` (default: the method's result) with the run's metadata and `extra`."""
+        if self.run_dir is None:
+            return
+        model = model if model is not None else self.method.eval_model()
+        state = {"model": model.state_dict(), **self.checkpoint_meta, "epoch": self.epoch, "step": self.step,
+                 **{k: v for k, v in extra.items() if v is not None}}
+        checkpoint.save(state, self.run_dir / "checkpoints" / f"{name}.pt")
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self, resume: str | Path | None = None) -> dict:
@@ -175,9 +229,10 @@ class Engine:
                 if state is not None and i < state["stage"]:
                     continue
                 self.stage_index = i
+                self.train_key, self.train_loader = Loaders.key(stage.data), self.loaders.train(stage.data)
                 if stage.fresh_optimizer or self.optimizer is None:
                     self.optimizer, self.scheduler = self.make_optimizer(*self._optimizer_span(stages, i))
-                method.on_stage_start(stage)
+                method.on_stage_start(stage, self.loop)
                 if state is not None:
                     self._restore(state)
                     p, state = self.progress, None
@@ -192,15 +247,15 @@ class Engine:
                     last_epoch = self.epoch == total_epochs or self._done()
                     snapshot = self.epoch in self.snapshot_epochs
                     if last_epoch or snapshot or self.epoch % self.trainer.get("eval_every", 1) == 0:
-                        p["result"] = result = self._evaluate()
-                        self.logger.log({"epoch": self.epoch, **result}, self.step)
-                        if result["test/acc"] > p["best_acc"]:
+                        p["result"] = result = self._evaluate(stage)
+                        self.log({"epoch": self.epoch, **result})
+                        if result.get("test/acc", -1.0) > p["best_acc"]:
                             p["best_acc"], p["best_epoch"] = result["test/acc"], self.epoch
-                            self._save("best.pt", test_acc=result["test/acc"])
+                            self.save("best", test_acc=result["test/acc"])
                     self._save_last()
                     if snapshot:
-                        self._save(f"epoch_{self.epoch}.pt", test_acc=p["result"]["test/acc"])
-                method.on_stage_end(stage)
+                        self.save(f"epoch_{self.epoch}", test_acc=p["result"].get("test/acc"))
+                method.on_stage_end(stage, self.loop)
                 if self._done():
                     break
         return {
@@ -218,18 +273,20 @@ class Engine:
         return self.max_steps is not None and self.step >= self.max_steps
 
     def _optimizer_span(self, stages: list[Stage], i: int):
-        """The parameters and epochs of the optimizer stage i trains with: its own, or, for a stage
-        that continues another's (fresh_optimizer=False), that stage's."""
+        """The parameters, epochs, LR scale and steps per epoch of the optimizer stage i trains with: its own,
+        or, for a stage that continues another's (fresh_optimizer=False), that stage's."""
         owner = next(j for j in range(i, -1, -1) if j == 0 or stages[j].fresh_optimizer)
         stage = stages[owner]
         params = stage.params if stage.params is not None else [p for p in self.method.parameters() if p.requires_grad]
-        return params, stage.epochs + sum(s.epochs for s in _continuations(stages, owner)), stage.lr_scale
+        epochs = stage.epochs + sum(s.epochs for s in _continuations(stages, owner))
+        return params, epochs, stage.lr_scale, len(self.loaders.train(stage.data))
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, stage: Stage) -> dict[str, float]:
+        """`<set>/acc` and `<set>/loss` of the method's result on each of the stage's evaluation sets."""
         model = self.method.eval_model()
         if self.ddp:
             dist.broadcast(model.buffers())  # BatchNorm statistics: rank 0's, the ones checkpointed
-        return {f"test/{k}": v for k, v in evaluate(model, self.test_loader, self.autocast, self.ddp).items()}
+        return {f"{s.name}/{k}": v for s in stage.evaluate for k, v in self.evaluate(model, s).items()}
 
     def _train_epoch(self, stage: Stage, stage_index: int) -> int:
         method = self.method
@@ -249,7 +306,7 @@ class Engine:
                     continue  # a resumed epoch: the loader's draws are replayed, these batches were trained on
                 if self.channels_last:
                     batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-                losses, metrics = method.step(batch, self)
+                losses, metrics = method.step(batch, self.loop)
                 window.append({k: v.detach() for k, v in (*losses.items(), *metrics.items())})  # summed per row
                 loss_keys.update(losses)
                 samples += len(batch["label"])
@@ -266,7 +323,7 @@ class Engine:
                     row.update({"epoch": self.epoch + i / n_batches, "train/stage": stage_index,
                                 "train/lr": self.optimizer.param_groups[0]["lr"],
                                 "train/samples_per_s": len(window) * len(batch["label"]) * self.world / (now - t_log)})
-                    self.logger.log(row, self.step)
+                    self.log(row)
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", sps=f"{row['train/samples_per_s']:.0f}")
                     window, loss_keys, t_log = [], set(), now
                     if stop:
@@ -313,27 +370,21 @@ class Engine:
             raise KdrunError(f"the training loss became {loss} by step {self.step}{where}; lower the learning rate "
                              "(schedule.optimizer.lr), set trainer.grad_clip, or use trainer.precision=32")
 
-    def _save(self, name: str, **extra) -> None:
-        if self.run_dir is None:
-            return
-        model = self.method.eval_model()
-        state = {"model": model.state_dict(), **self.checkpoint_meta, "epoch": self.epoch, "step": self.step,
-                 **{k: v for k, v in extra.items() if v is not None}}
-        checkpoint.save(state, self.run_dir / "checkpoints" / name)
-
     def _save_last(self) -> None:
-        """last.pt: the run's result so far and everything `_restore` needs to continue it."""
+        """last.pt: the run's result so far and everything `_restore` needs to continue it (the current
+        stage's loader as it was at the start of the epoch, which a resumed run replays)."""
         if self.run_dir is None:
             return
-        self._save("last.pt", test_acc=self.progress["result"].get("test/acc"), method=self.method.state_dict(),
-                   optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                   scaler=self.scaler.state_dict(), stage=self.stage_index, batch_in_epoch=self.batch_in_epoch,
-                   loader=self.loader_state, rng=_rng_state(),
+        loaders = {**self.loaders.state_dict(), self.train_key: self.loader_state}
+        self.save("last", test_acc=self.progress["result"].get("test/acc"), method=self.method.state_dict(),
+                  optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                  scaler=self.scaler.state_dict(), stage=self.stage_index, batch_in_epoch=self.batch_in_epoch,
+                  loaders=loaders, rng=_rng_state(),
                    progress={**self.progress, "wall_s": self.progress["wall_s"] + time.perf_counter() - self.fit_start})
 
     def _restore(self, state: dict) -> None:
-        if "method" not in state:
-            raise KdrunError("this last.pt holds no training state (it was written before kdrun could resume); "
+        if "method" not in state or "loaders" not in state:
+            raise KdrunError("this last.pt was written by an earlier kdrun and cannot be continued exactly; "
                              "delete it to start the run over")
         try:
             self.method.load_state_dict(state["method"])
@@ -345,8 +396,7 @@ class Engine:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.progress = state["progress"]
-        if state.get("loader") is not None:
-            self.train_loader.load_state_dict(state["loader"])
+        self.loaders.load_state_dict({k: v for k, v in state["loaders"].items() if v is not None})
         _set_rng_state(state["rng"])
         self.logger.rewind(self.step)
         log.info("%s: resuming at epoch %d, step %d", self.desc, self.epoch + 1, self.step)

@@ -1,9 +1,10 @@
-"""One run: compose the pieces the config names, train with the engine, write the summary."""
+"""One run: compose the pieces the config names, train them with the engine, write the summary."""
 
 import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,11 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import cache, data as kdata, dist
-from kdrun.data import semi
-from kdrun.engine import Engine
+from kdrun import cache, data as kdata, dist, engine, models
 from kdrun.errors import KdrunError
 from kdrun.loggers import RunLogger, plain_config
-from kdrun.teacher import arch, build_model, get_teacher
+from kdrun.methods.base import Method
+from kdrun.teacher import get_teacher
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,19 @@ def run(cfg: DictConfig, run_dir: str | Path, method_name: str | None = None, lo
         return _run(cfg, Path(run_dir), method_name, device)
 
 
-def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.device) -> dict | None:
-    start = time.perf_counter()
-    rank, world = dist.rank(), dist.world_size()
-    if not dist.all_same(str(run_dir)):
-        raise KdrunError("the ranks were given different run dirs (torchrun starts them at different times); "
-                         "give them one with hydra.run.dir=DIR")
-    if cfg.schedule.batch_size % world:
-        raise KdrunError(f"schedule.batch_size={cfg.schedule.batch_size} (the global batch) does not split into "
-                         f"{world} equal parts; choose a multiple of {world}")
+@dataclass
+class Job:
+    """The pieces of one run, composed from its config: what `train` needs, and what the summary reports."""
+
+    method: Method
+    data: kdata.Data
+    loaders: kdata.Loaders
+    teacher_acc: float | None
+
+
+def compose(cfg: DictConfig, device: torch.device, rank: int = 0, world: int = 1) -> Job:
+    """Build what `cfg` names: the data, the teacher (obtained as `kdrun.teacher` says), the student, the method
+    and its teacher cache, and the loader factory of this rank; nothing is trained here but a missing teacher."""
     seed_everything(cfg.seed)
     method_cls = get_class(cfg.method._target_)
     with dist.rank_zero_first():  # a download, or a teacher to train, happens once
@@ -70,9 +74,9 @@ def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.
         teacher, teacher_acc = get_teacher(cfg, data, device) if method_cls.needs_teacher else (None, None)
 
     seed_everything(cfg.seed)  # the student's start does not depend on whether the teacher was cached
-    student = build_model(cfg.student, data)
+    student = models.build(cfg.student, data)
     if method_cls.trains_teacher:  # e.g. meta pseudo labels: an untrained teacher, built after the student
-        teacher = build_model(cfg.teacher, data)
+        teacher = models.build(cfg.teacher, data)
     if teacher is not None:
         _check_classes(teacher, student, data)
     method = instantiate(cfg.method, _partial_=True)(student=student, teacher=teacher)
@@ -83,33 +87,45 @@ def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.
     if cfg.trainer.get("compile"):
         student.compile()
     with dist.rank_zero_first():
-        views = cache.training_views(method, data, cfg, device)
-    train_loader, test_loader = kdata.loaders(data, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
-                                              seed=cfg.seed, num_workers=cfg.trainer.num_workers, views=views,
-                                              rank=rank, world_size=world)
-    if method.unlabeled is not None:  # unlabeled batches beside the labeled ones (kdrun/data/semi.py)
-        train_loader = semi.loader(data, method.unlabeled, cfg.schedule.batch_size, device, cfg.seed, world)
+        method.teacher_cache = cache.teacher_cache(method, data, cfg, device)
+    loaders = kdata.Loaders(data, method.batch_spec, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
+                            seed=cfg.seed, num_workers=cfg.trainer.num_workers, cache=method.teacher_cache, rank=rank,
+                            world_size=world)
+    return Job(method, data, loaders, teacher_acc)
+
+
+def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.device) -> dict | None:
+    start = time.perf_counter()
+    rank, world = dist.rank(), dist.world_size()
+    if not dist.all_same(str(run_dir)):
+        raise KdrunError("the ranks were given different run dirs (torchrun starts them at different times); "
+                         "give them one with hydra.run.dir=DIR")
+    if cfg.schedule.batch_size % world:
+        raise KdrunError(f"schedule.batch_size={cfg.schedule.batch_size} (the global batch) does not split into "
+                         f"{world} equal parts; choose a multiple of {world}")
+    job = compose(cfg, device, rank, world)
+    method, data = job.method, job.data
     main = rank == 0
     last = run_dir / "checkpoints" / "last.pt"
-    resume = last if last.is_file() else None
     logger = RunLogger(run_dir, cfg.logger, plain_config(cfg)) if main else RunLogger(None)
-    if main and data.split is not None:
-        data.split.save(run_dir / "split.json")
+    if main and data.labeled_split is not None:
+        data.labeled_split.save(run_dir / "split.json")
     try:
-        engine = Engine(method, train_loader, test_loader, cfg.schedule, cfg.trainer, run_dir=run_dir if main else None,
-                        logger=logger, device=device, checkpoint_meta={"arch": arch(cfg.student, data)}, ddp=world > 1)
         setup_s = time.perf_counter() - start
-        summary = engine.fit(resume=resume)
+        summary = engine.train(method, job.loaders, cfg.schedule, cfg.trainer, run_dir=run_dir if main else None,
+                               logger=logger, device=device, checkpoint_meta={"arch": models.arch(cfg.student, data)},
+                               ddp=world > 1, resume=last if last.is_file() else None)
         if not main:
             return None
+        teacher = method.teacher
         summary = {
             **summary,
-            "teacher/test_acc": teacher_acc,
+            "teacher/test_acc": job.teacher_acc,
             "method": method_name or type(method).__name__.lower(),
             "dataset": data.name,
             "student": cfg.student.name,
             "teacher": (getattr(teacher, "name", None) or cfg.teacher.name) if teacher is not None else None,
-            "student/params": n_params(student),
+            "student/params": n_params(method.student),
             "teacher/params": n_params(teacher) if teacher is not None else None,
             "seed": cfg.seed,
             "wall_s": round(setup_s + summary["wall_s"], 3),  # summed over the sessions of a resumed run

@@ -17,30 +17,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdrun import checkpoint, data as kdata, models
-from kdrun.engine import Engine, evaluate
+from kdrun import checkpoint, data as kdata, engine, models
 from kdrun.errors import KdrunError
+from kdrun.evaluation import evaluate
 from kdrun.loggers import RunLogger
 from kdrun.methods.supervised import Supervised
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT = re.compile(r"epoch_(\d+)")  # teacher.checkpoint=epoch_N: the snapshot after epoch N
-
-
-def build_model(cfg: DictConfig, data: kdata.Data) -> torch.nn.Module:
-    """A model preset (the `teacher` or `student` group) at the dataset's classes and channels."""
-    kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True)
-    for key in ("drop_rate", "drop_path_rate"):  # a noised student; kdrun's own nets call dropout `dropout`
-        if cfg.get(key):
-            kwargs["dropout" if key == "drop_rate" and cfg.name in models.list_models() else key] = cfg[key]
-    return models.create(cfg.name, data.num_classes, in_chans=data.in_chans, pretrained=cfg.get("pretrained", False), **kwargs)
-
-
-def arch(cfg: DictConfig, data: kdata.Data) -> dict:
-    """What a checkpoint records of its model, to rebuild it and to explain a mismatch."""
-    return {"name": cfg.name, "kwargs": OmegaConf.to_container(cfg.kwargs, resolve=True), "dataset": data.name,
-            "num_classes": data.num_classes, "in_chans": data.in_chans}
 
 
 def cache_key(cfg: DictConfig) -> str:
@@ -64,7 +49,7 @@ def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mod
     """The teacher for this run and its test accuracy (for `teachers=[...]`, their Ensemble's)."""
     if cfg.get("teachers"):
         return get_teachers(cfg, data, device)
-    teacher = build_model(cfg.teacher, data)
+    teacher = models.build(cfg.teacher, data)
     source = cfg.teacher.get("checkpoint")
     if source and SNAPSHOT.fullmatch(str(source)):
         source = snapshot(cfg, data, device, int(SNAPSHOT.fullmatch(str(source))[1]))
@@ -91,7 +76,7 @@ def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mod
     log.info("teacher: none given (teacher.checkpoint); training %s on %s for %d epochs with method=supervised, "
              "cached in %s", cfg.teacher.name, data.name, cfg.teacher.epochs, path.parent)
     teacher, summary = _train(cfg, data, device, path.parent, cfg.teacher.get("snapshot_epochs") or [])
-    meta = {"arch": arch(cfg.teacher, data)}
+    meta = {"arch": models.arch(cfg.teacher, data)}
     checkpoint.save({"model": teacher.state_dict(), **meta, "test_acc": summary["test/acc"], "summary": summary}, path)
     log.info("teacher: test acc %.4f after %d steps (%.0f s)", summary["test/acc"], summary["steps"], summary["wall_s"])
     return teacher, summary["test/acc"]
@@ -123,19 +108,19 @@ def snapshot(cfg: DictConfig, data: kdata.Data, device, epoch: int) -> Path:
 def _train(cfg: DictConfig, data: kdata.Data, device, run_dir: Path, snapshot_epochs, stop_epoch: int | None = None):
     """Train the teacher with method=supervised for teacher.epochs (or up to `stop_epoch`); the model and summary."""
     torch.manual_seed(cfg.teacher.seed)  # the teacher's start depends on teacher.seed alone, as its cache key does
-    teacher = build_model(cfg.teacher, data).to(device)
+    teacher = models.build(cfg.teacher, data).to(device)
     torch.manual_seed(cfg.teacher.seed)
-    train_loader, test_loader = kdata.loaders(data, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
-                                              seed=cfg.teacher.seed, num_workers=cfg.trainer.num_workers)
+    method = Supervised(teacher).to(device)
+    loaders = kdata.Loaders(data, method.batch_spec, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
+                            seed=cfg.teacher.seed, num_workers=cfg.trainer.num_workers)
     schedule = OmegaConf.merge(cfg.schedule, {"epochs": cfg.teacher.epochs})
     trainer = OmegaConf.merge(cfg.trainer, {"snapshot_epochs": list(snapshot_epochs)})
     if stop_epoch is not None:
-        trainer.max_steps = min(s for s in (cfg.trainer.get("max_steps"), stop_epoch * len(train_loader)) if s)
+        trainer.max_steps = min(s for s in (cfg.trainer.get("max_steps"), stop_epoch * len(loaders.train())) if s)
     logger = RunLogger(run_dir)
     try:
-        summary = Engine(Supervised(teacher).to(device), train_loader, test_loader, schedule, trainer, run_dir=run_dir,
-                         logger=logger, device=device, checkpoint_meta={"arch": arch(cfg.teacher, data)},
-                         desc="teacher").fit()
+        summary = engine.train(method, loaders, schedule, trainer, run_dir=run_dir, logger=logger, device=device,
+                               checkpoint_meta={"arch": models.arch(cfg.teacher, data)}, desc="teacher")
     finally:
         logger.close()
     return teacher, summary
@@ -146,7 +131,7 @@ def get_teachers(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mo
     like a single teacher (checkpoint, cache or training) and they are returned as one Ensemble."""
     from importlib.resources import files
 
-    from kdrun.methods.multi_teacher import Ensemble
+    from kdrun.models.ensemble import Ensemble
 
     presets = files("kdrun.conf") / "teacher"
     members, names = [], []
@@ -172,4 +157,5 @@ def get_teachers(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mo
 
 
 def _test_loader(cfg: DictConfig, data: kdata.Data, device):
-    return kdata.loaders(data, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device, seed=0)[1]
+    return kdata.Loaders(data, kdata.BatchSpec(), cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
+                         seed=0).evaluation()

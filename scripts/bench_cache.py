@@ -19,33 +19,35 @@ import time
 import torch
 from hydra import compose, initialize_config_module
 
-from kdrun import cache, data as kdata
+from kdrun import cache, data as kdata, models
 from kdrun.engine import Engine
 from kdrun.methods.kd import KD
 from kdrun.methods.supervised import Supervised
-from kdrun.teacher import build_model, get_teacher
+from kdrun.teacher import get_teacher
 
 
 def setup(name, cfg, data, teacher, device):
     torch.manual_seed(0)
-    student = build_model(cfg.student, data)
+    student = models.build(cfg.student, data)
     method = (Supervised(student) if name == "supervised" else KD(student, teacher)).to(device)
     cfg.teacher.cache = name == "kd + cache"
-    views = cache.training_views(method, data, cfg, device)
-    train, test = kdata.loaders(data, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device, seed=0, views=views)
-    engine = Engine(method, train, test, cfg.schedule, cfg.trainer, run_dir=None, device=device)
-    engine.optimizer, engine.scheduler = engine.make_optimizer(list(method.student.parameters()), cfg.schedule.epochs)
+    method.teacher_cache = cache.teacher_cache(method, data, cfg, device)
+    loaders = kdata.Loaders(data, method.batch_spec, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
+                            seed=0, cache=method.teacher_cache)
+    engine = Engine(method, loaders, cfg.schedule, cfg.trainer, device=device)
+    engine.optimizer, engine.scheduler = engine.make_optimizer(list(method.student.parameters()), cfg.schedule.epochs,
+                                                               steps_per_epoch=len(loaders.train()))
     method.train()
-    return method, engine, iter(train)
+    return method, engine.loop, iter(loaders.train())
 
 
-def time_steps(method, engine, batches, steps: int, warmup: int = 3) -> float:
+def time_steps(method, loop, batches, steps: int, warmup: int = 3) -> float:
     """Seconds per step over `steps` steps, after `warmup` untimed ones."""
     for _ in range(warmup):
-        method.step(next(batches), engine)
+        method.step(next(batches), loop)
     start = time.perf_counter()
     for _ in range(steps):
-        method.step(next(batches), engine)
+        method.step(next(batches), loop)
     return (time.perf_counter() - start) / steps
 
 

@@ -27,10 +27,15 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from kdrun import data as kdata
-from kdrun.engine import Engine
+from kdrun import data as kdata, engine, models
 from kdrun.run import seed_everything
-from kdrun.teacher import build_model
+
+
+class OneTestBatch(kdata.Loaders):
+    """The run's loaders, but every evaluation is of one test batch: the benchmark times the training loop."""
+
+    def evaluation(self, which=kdata.TEST):
+        return [next(iter(super().evaluation(which)))]
 
 
 def setup(method: str, steps: int):
@@ -40,10 +45,10 @@ def setup(method: str, steps: int):
                                            f"trainer.max_steps={steps}", "trainer.log_every=50"])
     seed_everything(0)
     data = kdata.build(cfg.dataset)
-    train, test = kdata.loaders(data, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, "cpu", seed=0)
-    teacher = build_model(cfg.teacher, data).eval() if method == "kd" else None
-    student = build_model(cfg.student, data)
-    return cfg, train, next(iter(test)), teacher, student
+    loaders = OneTestBatch(data, kdata.BatchSpec(), cfg.schedule.batch_size, cfg.trainer.eval_batch_size, "cpu", seed=0)
+    teacher = models.build(cfg.teacher, data).eval() if method == "kd" else None
+    student = models.build(cfg.student, data)
+    return cfg, loaders, teacher, student
 
 
 def clock() -> tuple[float, float]:
@@ -55,18 +60,18 @@ def since(start: tuple[float, float]) -> tuple[float, float]:
     return tuple(now - then for now, then in zip(clock(), start))
 
 
-def kdrun_steps(cfg, train, test_batch, teacher, student) -> tuple[float, float]:
+def kdrun_steps(cfg, loaders, teacher, student) -> tuple[float, float]:
     """Wall and CPU seconds for `trainer.max_steps` steps of kdrun's engine (its fit: optimizer set-up,
     loop, logging rows, one final evaluation on a single test batch; no run dir)."""
     method = instantiate(cfg.method, _partial_=True)(student=student, teacher=teacher)
-    engine = Engine(method, train, [test_batch], cfg.schedule, cfg.trainer, run_dir=None)
     start = clock()
-    engine.fit()
+    engine.train(method, loaders, cfg.schedule, cfg.trainer)
     return since(start)
 
 
-def hand_steps(cfg, train, test_batch, teacher, student) -> tuple[float, float]:
+def hand_steps(cfg, loaders, teacher, student) -> tuple[float, float]:
     """Wall and CPU seconds for the same steps in the loop one writes by hand."""
+    train = loaders.train()
     start = clock()
     optimizer = instantiate(cfg.schedule.optimizer, params=student.parameters())  # the same optimizer
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.schedule.epochs * len(train))
@@ -90,7 +95,7 @@ def hand_steps(cfg, train, test_batch, teacher, student) -> tuple[float, float]:
             break
     student.eval()
     with torch.no_grad():
-        student(test_batch["image"])
+        student(loaders.evaluation()[0]["image"])
     return since(start)
 
 

@@ -7,15 +7,21 @@ import torch
 
 import kdrun.run
 from conftest import make_cfg
-from kdrun import cache, data as kdata
+from kdrun import cache, data as kdata, models
 from kdrun.errors import KdrunError
 from kdrun.methods.funmatch import FunMatch
 from kdrun.methods.supervised import Supervised
 from kdrun.run import run
-from kdrun.teacher import build_model, get_teacher
+from kdrun.teacher import get_teacher
 
 DIGITS = ["dataset=digits", "teacher=mlp", "teacher.epochs=4", "student=mlp", "+student.kwargs.hidden=[32]",
           "schedule.batch_size=64", "schedule.epochs=1"]
+
+
+def _attach(method, data, cfg, batch_size: int = 64):
+    """Hand `method` its teacher cache as `kdrun.run.compose` does; its training loader."""
+    method.teacher_cache = cache.teacher_cache(method, data, cfg, "cpu")
+    return kdata.Loaders(data, method.batch_spec, batch_size, 512, "cpu", seed=0, cache=method.teacher_cache).train()
 
 
 def _setup(tmp_path, mode: str, *overrides: str):
@@ -23,11 +29,9 @@ def _setup(tmp_path, mode: str, *overrides: str):
     cfg = make_cfg(*DIGITS, "teacher.cache=true", "teacher.cache_views=3", f"paths.cache_dir={tmp_path}", *overrides)
     data = kdata.build(cfg.dataset)
     torch.manual_seed(0)
-    teacher = build_model(cfg.teacher, data).eval()  # untrained is enough: outputs are compared
-    method = FunMatch(build_model(cfg.student, data), teacher, teacher_view=mode)
-    views = cache.training_views(method, data, cfg, "cpu")
-    train, _ = kdata.loaders(data, 64, 512, "cpu", seed=0, views=views)
-    return cfg, data, method, train
+    teacher = models.build(cfg.teacher, data).eval()  # untrained is enough: outputs are compared
+    method = FunMatch(models.build(cfg.student, data), teacher, teacher_view=mode)
+    return cfg, data, method, _attach(method, data, cfg)
 
 
 @torch.no_grad()
@@ -55,7 +59,7 @@ def test_a_method_that_reads_more_than_logits_is_refused(tmp_path):
     method = Supervised(torch.nn.Linear(64, 10))
     method.teacher = torch.nn.Linear(64, 10)
     with pytest.raises(KdrunError, match="set teacher.cache=false"):
-        cache.training_views(method, data, cfg, "cpu")
+        cache.teacher_cache(method, data, cfg, "cpu")
 
 
 def test_corrupt_stale_or_tampered_cache_files_are_rebuilt_with_a_message(tmp_path, caplog):
@@ -112,18 +116,17 @@ def test_an_image_folder_caches_the_clean_view_and_refuses_stored_views(tmp_path
     cfg = make_cfg("dataset=image_folder", f"dataset.root={tmp_path / 'data'}", "teacher.cache=true",
                    "teacher=cnn_small", "student=cnn_small", f"paths.cache_dir={tmp_path / 'cache'}")
     data = kdata.build(cfg.dataset)
-    teacher = build_model(cfg.teacher, data).eval()
-    method = FunMatch(build_model(cfg.student, data), teacher, teacher_view="fixed")
-    views = cache.training_views(method, data, cfg, "cpu")
-    batch = next(iter(kdata.loaders(data, 8, 8, "cpu", seed=0, views=views)[0]))
+    teacher = models.build(cfg.teacher, data).eval()
+    method = FunMatch(models.build(cfg.student, data), teacher, teacher_view="fixed")
+    batch = next(iter(_attach(method, data, cfg, batch_size=8)))
     test_transform = kdata.folder_transforms(data)[1]  # the clean view: resize and centre crop only
     clean = torch.stack([test_transform(data.splits.train[i][0]) for i in batch["index"].tolist()])
     clean = kdata.Normalize(data.mean, data.std, "cpu")(clean)
     assert "teacher_image" not in batch
     assert torch.allclose(method.teacher_outputs(batch), teacher(clean), atol=1e-5)
     with pytest.raises(KdrunError, match="need an in-memory dataset; set teacher.cache=false"):
-        consistent = FunMatch(build_model(cfg.student, data), teacher, teacher_view="consistent")
-        cache.training_views(consistent, data, cfg, "cpu")
+        consistent = FunMatch(models.build(cfg.student, data), teacher, teacher_view="consistent")
+        cache.teacher_cache(consistent, data, cfg, "cpu")
 
 
 @torch.no_grad()
@@ -143,31 +146,31 @@ def test_without_augmentation_every_teacher_view_is_the_clean_image_and_cached_o
 def test_auto_caches_only_where_the_cache_is_exact(tmp_path, mode, overrides, cached):
     cfg = make_cfg(*DIGITS, "teacher.cache=auto", f"paths.cache_dir={tmp_path}", *overrides)
     data = kdata.build(cfg.dataset)
-    method = FunMatch(build_model(cfg.student, data), build_model(cfg.teacher, data).eval(), teacher_view=mode)
-    views = cache.training_views(method, data, cfg, "cpu")
-    assert (method.teacher_cache is not None) == cached and views.stored is None
+    method = FunMatch(models.build(cfg.student, data), models.build(cfg.teacher, data).eval(), teacher_view=mode)
+    found = cache.teacher_cache(method, data, cfg, "cpu")
+    assert (found is not None) == cached and (found is None or found.stored is None)
 
 
 def test_auto_leaves_a_method_that_reads_more_than_logits_to_its_teacher(tmp_path):
     cfg = make_cfg(*DIGITS, "teacher.cache=auto", "dataset.augment.crop_padding=0", f"paths.cache_dir={tmp_path}")
     method = Supervised(torch.nn.Linear(64, 10))
     method.teacher = torch.nn.Linear(64, 10)
-    cache.training_views(method, kdata.build(cfg.dataset), cfg, "cpu")
-    assert method.teacher_cache is None and not (tmp_path / "logits").exists()
+    assert cache.teacher_cache(method, kdata.build(cfg.dataset), cfg, "cpu") is None
+    assert not (tmp_path / "logits").exists()
 
 
 @torch.no_grad()
 def test_an_ensembles_cache_holds_every_members_logits(tmp_path):
-    from kdrun.methods.multi_teacher import Ensemble, MultiTeacher
+    from kdrun.methods.multi_teacher import MultiTeacher
+    from kdrun.models.ensemble import Ensemble
 
     cfg = make_cfg(*DIGITS, "teacher.cache=auto", "dataset.augment.crop_padding=0", f"paths.cache_dir={tmp_path}")
     data = kdata.build(cfg.dataset)
     torch.manual_seed(0)
-    members = [build_model(cfg.teacher, data).eval() for _ in range(2)]
-    method = MultiTeacher(build_model(cfg.student, data), Ensemble(members, ["mlp", "mlp"]))
+    members = [models.build(cfg.teacher, data).eval() for _ in range(2)]
+    method = MultiTeacher(models.build(cfg.student, data), Ensemble(members, ["mlp", "mlp"]))
     method.setup(data)
-    views = cache.training_views(method, data, cfg, "cpu")
-    batch = next(iter(kdata.loaders(data, 64, 512, "cpu", seed=0, views=views)[0]))
+    batch = next(iter(_attach(method, data, cfg)))
     assert method.teacher_cache.logits.shape == (1437, 2, 10)
     want = torch.stack([m(batch["image"]) for m in members])  # (M, B, K), what the method reads uncached
     torch.testing.assert_close(method.teacher_outputs(batch), want, atol=1e-5, rtol=1e-5)

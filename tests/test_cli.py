@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import kdrun, make_cfg, needs_fashion_mnist
-from kdrun import data as kdata
-from kdrun.teacher import build_model, cache_key
+from kdrun import data as kdata, models
+from kdrun.teacher import cache_key
 
 SUMMARY_KEYS = {"test/acc", "test/acc_best", "teacher/test_acc", "method", "seed", "steps", "wall_s",
                 "train/samples_per_s"}
@@ -50,7 +50,7 @@ def test_every_model_preset_runs_at_its_dataset_shape(group):
     cfg = make_cfg()
     data = kdata.Data("fashion_mnist", kdata.Splits(None, None, 10, 1, 28), [0.3], [0.3], {})
     for option in _options(group):
-        model = build_model(make_cfg(f"{group}={option}")[group], data).eval()
+        model = models.build(make_cfg(f"{group}={option}")[group], data).eval()
         with torch.no_grad():
             assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10), option
     assert cfg.teacher.name == "cnn"

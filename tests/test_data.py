@@ -79,7 +79,8 @@ def test_image_folder_reads_size_channels_and_classes(tmp_path):
     cfg = make_cfg("dataset=image_folder", f"dataset.root={tmp_path}", "dataset.augment.flip=false")
     data = kdata.build(cfg.dataset)
     assert (data.in_chans, data.image_size) == (1, 8)
-    train, test = kdata.loaders(data, 4, 8, "cpu", seed=0)
+    loaders = kdata.Loaders(data, kdata.BatchSpec(), 4, 8, "cpu", seed=0)
+    train, test = loaders.train(), loaders.evaluation()
     batch = next(iter(train))
     assert batch["image"].shape == (4, 1, 8, 8) and batch["image"].dtype == torch.float32
     first = next(iter(test))

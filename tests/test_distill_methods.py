@@ -9,11 +9,10 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import make_cfg
-from kdrun import data as kdata
+from kdrun import data as kdata, models
 from kdrun.engine import Engine
 from kdrun.errors import KdrunError
 from kdrun.run import run
-from kdrun.teacher import build_model
 
 # 256-image batches: 5 steps per digits epoch; 7 steps cover a one-epoch first stage and two steps of the next
 FAST = ["dataset=digits", "schedule.batch_size=256", "schedule.epochs=2", "teacher.epochs=1", "trainer.max_steps=7"]
@@ -55,10 +54,10 @@ def _method(method, *extra):
     cfg = _cfg(method, *extra)
     data = kdata.build(cfg.dataset)
     torch.manual_seed(0)
-    teacher, student = build_model(cfg.teacher, data), build_model(cfg.student, data)
+    teacher, student = models.build(cfg.teacher, data), models.build(cfg.student, data)
     m = instantiate(cfg.method, _partial_=True)(student=student, teacher=teacher)
     m.setup(data)
-    loader = kdata.loaders(data, 64, 64, "cpu", seed=0)[0]
+    loader = kdata.Loaders(data, m.batch_spec, 64, 64, "cpu", seed=0).train()
     return m, next(iter(loader)), cfg, data
 
 
@@ -67,7 +66,7 @@ def test_gradient_reaches_what_the_stage_trains_and_never_the_teacher(method):
     m, batch, _, _ = _method(method, "method.kd_weight=0.5")
     m.train()
     for stage in m.stages(2):
-        m.on_stage_start(stage)
+        m.on_stage_start(stage, None)
         m.zero_grad(set_to_none=True)
         losses, _ = m.training_step(batch)
         sum(losses.values()).backward()
@@ -81,8 +80,9 @@ def test_gradient_reaches_what_the_stage_trains_and_never_the_teacher(method):
 
 def test_fitnet_stage_one_trains_only_the_lower_student_and_the_regressor(tmp_path):
     m, _, cfg, data = _method("fitnet")
-    train, test = kdata.loaders(data, 256, 512, "cpu", seed=0)
-    engine = Engine(m, train, test, cfg.schedule, cfg.trainer, run_dir=None, device="cpu")
+    loaders = kdata.Loaders(data, m.batch_spec, 256, 512, "cpu", seed=0)
+    engine = Engine(m, loaders, cfg.schedule, cfg.trainer, device="cpu")
+    train = loaders.train()
     engine.max_steps = len(train)  # exactly stage 1 (hint_epochs=1)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     engine.fit()
@@ -106,6 +106,7 @@ def test_fitnet_anneals_lambda_and_has_a_one_stage_variant():
     m, batch, _, _ = _method("fitnet")
     stages = m.stages(5)
     assert [s.name for s in stages] == ["hint", "kd"]
+    m.on_stage_start(stages[1], None)
     m.epoch = 1  # the first epoch of stage 2
     assert m.kd_lambda() == pytest.approx(4.0)
     m.epoch = 1 + 4
@@ -228,7 +229,7 @@ def test_cross_architecture_presets_pair_their_features(pair, method):
     cfg = make_cfg(f"experiment=crd/{pair}", f"method={method}")
     fake = kdata.InMemory(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.arange(8))
     data = kdata.Data("cifar100", kdata.Splits(fake, fake, 100, 3, 32), [0.5] * 3, [0.5] * 3, {})
-    teacher, student = build_model(cfg.teacher, data), build_model(cfg.student, data)
+    teacher, student = models.build(cfg.teacher, data), models.build(cfg.student, data)
     m = instantiate(cfg.method, _partial_=True)(student=student, teacher=teacher)
     m.setup(data)
     m.train()

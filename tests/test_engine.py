@@ -1,4 +1,9 @@
+import json
 import math
+import os
+import re
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,11 +11,14 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+import kdrun
 from conftest import make_cfg
-from kdrun.data.loaders import Normalize, TensorLoader
+from kdrun import data as kdata
 from kdrun.data.sources import digits
-from kdrun.engine import Engine, lr_factor
+from kdrun.engine import Engine, Interrupted, lr_factor
 from kdrun.errors import KdrunError
+from kdrun.evaluation import evaluate
+from kdrun.loggers import RunLogger
 from kdrun.methods.base import Method, Stage
 from kdrun.methods.supervised import Supervised
 
@@ -29,10 +37,8 @@ def test_lr_schedules():
 
 
 def _loaders(batch=64):
-    d = digits()
-    norm = Normalize([0.3], [0.4], "cpu")
-    return (TensorLoader(d.train, batch, norm, "cpu", shuffle=True, drop_last=True, seed=0),
-            TensorLoader(d.test, 512, norm, "cpu"))
+    """Digits, un-augmented, in batches of `batch` (512 for evaluation)."""
+    return kdata.Loaders(kdata.Data("digits", digits(), [0.3], [0.4], {}), kdata.BatchSpec(), batch, 512, "cpu", seed=0)
 
 
 def _net():
@@ -43,8 +49,7 @@ def _net():
 def _engine(method, tmp_path, **schedule):
     cfg = make_cfg("dataset=digits", "schedule=sgd_cosine")
     sched = OmegaConf.merge(cfg.schedule, {"epochs": 3, "optimizer": {"lr": 0.1}}, schedule)
-    train, test = _loaders()
-    return Engine(method, train, test, sched, cfg.trainer, run_dir=tmp_path, device="cpu")
+    return Engine(method, _loaders(), sched, cfg.trainer, run_dir=tmp_path, device="cpu")
 
 
 def test_supervised_engine_learns_and_writes_loadable_checkpoints(tmp_path):
@@ -67,7 +72,7 @@ class TwoStages(Method):
     def stages(self, epochs):
         return [Stage("first", 1, params=list(self.student[1].parameters())), Stage("all", epochs - 1)]
 
-    def on_stage_start(self, stage):
+    def on_stage_start(self, stage, loop):
         self.seen.append(stage.name)
         self.stage = stage.name
 
@@ -82,7 +87,7 @@ def test_stages_run_in_order_and_train_only_their_parameters(tmp_path):
     engine = _engine(method, tmp_path)
     head = method.student[3].weight.detach().clone()
     first = method.student[1].weight.detach().clone()
-    engine.max_steps = len(engine.train_loader)  # stop after stage 1
+    engine.max_steps = len(engine.loaders.train())  # stop after stage 1
     engine.fit()
     assert method.seen == ["first"]
     assert torch.equal(method.student[3].weight, head)
@@ -100,8 +105,7 @@ def test_stage_without_fresh_optimizer_continues_the_schedule():
 
     method = Continue(_net())
     cfg = make_cfg("dataset=digits", "schedule=sgd_cosine")
-    train, test = _loaders()
-    engine = Engine(method, train, test, OmegaConf.merge(cfg.schedule, {"epochs": 3}), cfg.trainer, None)
+    engine = Engine(method, _loaders(), OmegaConf.merge(cfg.schedule, {"epochs": 3}), cfg.trainer)
     engine.fit()
     # one cosine over all 3 epochs: the final learning rate is ~0, not the restart value
     assert engine.optimizer.param_groups[0]["lr"] < 1e-3 * cfg.schedule.optimizer.lr
@@ -126,7 +130,115 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def test_bf16_autocast_runs_on_the_cpu(tmp_path):
     cfg = make_cfg("dataset=digits", "schedule=sgd_cosine", "trainer.precision=bf16")
-    train, test = _loaders()
-    engine = Engine(Supervised(_net()), train, test, OmegaConf.merge(cfg.schedule, {"epochs": 1}), cfg.trainer, None)
+    engine = Engine(Supervised(_net()), _loaders(), OmegaConf.merge(cfg.schedule, {"epochs": 1}), cfg.trainer)
     summary = engine.fit()
     assert math.isfinite(summary["test/acc"]) and summary["test/acc"] > 0.5
+
+
+# ---- stages that own their data and their evaluation ---------------------------------------------------------
+OLD, NEW = tuple(range(5)), tuple(range(5, 10))
+SETS = (kdata.TEST, kdata.EvalSet("old", classes=OLD), kdata.EvalSet("old_task", classes=OLD, mask=True))
+
+
+class TwoExperiences(Supervised):
+    """Classes 0-4 for one epoch, then 5-9 for two, each stage reporting the test set whole and the old classes
+    (with and without the task-incremental mask); it can send itself SIGTERM at a given step, as a preemption."""
+
+    def __init__(self, student, stop_at: int | None = None):
+        super().__init__(student)
+        self.stop_at, self.seen = stop_at, []
+
+    def stages(self, epochs):
+        return [Stage("old", 1, data=kdata.Selection(classes=OLD), evaluate=SETS),
+                Stage("new", epochs - 1, data=kdata.Selection(classes=NEW), evaluate=SETS)]
+
+    def on_stage_start(self, stage, loop):
+        self.stage = stage.name
+
+    def training_step(self, batch):
+        self.seen.append((self.stage, batch["label"], batch["index"]))
+        if len(self.seen) == self.stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().training_step(batch)
+
+
+def _augmented_loaders():
+    data = kdata.Data("digits", digits(), [0.3], [0.4], {"crop_padding": 1})
+    return kdata.Loaders(data, kdata.BatchSpec(), 64, 512, "cpu", seed=0), data
+
+
+def test_each_stage_trains_on_its_selection_and_reports_its_named_sets(tmp_path):
+    loaders, data = _augmented_loaders()
+    method = TwoExperiences(_net())
+    cfg = make_cfg("dataset=digits", "schedule=sgd_cosine")
+    logger = RunLogger(tmp_path)
+    summary = Engine(method, loaders, OmegaConf.merge(cfg.schedule, {"epochs": 3}), cfg.trainer, tmp_path, logger).fit()
+    logger.close()
+    labels = data.splits.train.labels
+    for stage, classes in (("old", OLD), ("new", NEW)):
+        seen = [(y, i) for s, y, i in method.seen if s == stage]
+        assert seen and all(set(y.tolist()) <= set(classes) and torch.equal(labels[i], y) for y, i in seen)
+    n_old, n_new = (int(torch.isin(labels, torch.tensor(c)).sum()) // 64 for c in (OLD, NEW))
+    assert summary["steps"] == n_old + 2 * n_new
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "test/acc" in r]
+    assert len(evals) == 3 and all({"old/acc", "old/loss", "old_task/acc", "old_task/loss"} <= set(r) for r in evals)
+    assert evals[0]["old/acc"] > evals[0]["test/acc"]  # trained on the old classes alone so far
+    assert all(r["old_task/acc"] >= r["old/acc"] for r in evals)  # a mask can only help
+    assert summary["test/acc"] == evals[-1]["test/acc"]
+
+
+def test_a_run_stopped_in_its_second_stage_resumes_exactly(tmp_path):
+    cfg = make_cfg("dataset=digits", "schedule=sgd_cosine", "trainer.checkpoint_every_steps=4")
+    schedule = OmegaConf.merge(cfg.schedule, {"epochs": 3})
+    whole = TwoExperiences(_net())
+    Engine(whole, _augmented_loaders()[0], schedule, cfg.trainer, tmp_path / "whole").fit()
+    stop_at = len([s for s, _, _ in whole.seen if s == "old"]) + 13  # mid-epoch in the second stage
+    stopped = TwoExperiences(_net(), stop_at=stop_at)
+    with pytest.raises(Interrupted):
+        Engine(stopped, _augmented_loaders()[0], schedule, cfg.trainer, tmp_path / "stopped").fit()
+    resumed = TwoExperiences(_net())
+    Engine(resumed, _augmented_loaders()[0], schedule, cfg.trainer, tmp_path / "stopped").fit(
+        resume=tmp_path / "stopped" / "checkpoints" / "last.pt")
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    assert torch.equal(resumed.seen[-1][2], whole.seen[-1][2])  # the same last batch
+
+
+def test_selections_keep_positions_in_the_whole_set_and_refuse_an_empty_one():
+    loaders, data = _augmented_loaders()
+    every_third = tuple(range(0, len(data.splits.train), 3))
+    index = torch.cat([b["index"] for b in loaders.train(kdata.Selection(indices=every_third))])
+    assert set(index.tolist()) <= set(every_third) and len(index) == len(every_third) // 64 * 64
+    both = kdata.Selection(classes=(3,), indices=every_third)
+    assert all((data.splits.train.labels[b["index"]] == 3).all() for b in loaders.train(both))
+    with pytest.raises(KdrunError, match="holds no image"):
+        loaders.train(kdata.Selection(classes=(11,)))
+
+
+def test_masked_evaluation_restricts_the_logits_to_the_sets_classes():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return torch.tensor([[2.0, 1.0, 3.0], [0.0, 4.0, 1.0]]) + self.w
+
+    batch = {"image": torch.zeros(2, 1), "label": torch.tensor([0, 1])}
+    whole = evaluate(Fixed(), [batch])
+    masked = evaluate(Fixed(), [batch], classes=(0, 1))
+    assert whole["acc"] == 0.5 and masked["acc"] == 1.0  # class 2 wins the first image unless masked
+    by_hand = (-math.log(math.exp(2) / (math.exp(2) + math.exp(1))) - math.log(math.exp(4) / (1 + math.exp(4)))) / 2
+    assert masked["loss"] == pytest.approx(by_hand)
+
+
+def test_methods_see_the_loop_only_through_its_context():
+    """No method imports the engine or reads its attributes; no engine, run, data or cache code imports a method
+    (but the base; a teacher kdrun trains is trained by `supervised`, in kdrun/teacher.py)."""
+    root = Path(kdrun.__file__).parent
+    for f in (root / "methods").glob("*.py"):
+        text = f.read_text()
+        assert not re.search(r"^(from kdrun\.engine|import kdrun\.engine|from kdrun import .*\bengine\b)", text, re.M), f
+        assert not re.search(r"(?<![.\w])engine\.\w", text), f  # an engine's attribute (kdrun.engine.X may be named)
+    for f in [root / "engine.py", root / "run.py", root / "cache.py", *(root / "data").glob("*.py")]:
+        assert set(re.findall(r"^from kdrun\.methods\.(\w+)", f.read_text(), re.M)) <= {"base"}, f

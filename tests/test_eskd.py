@@ -43,10 +43,10 @@ def test_after_the_switch_the_loss_is_plain_cross_entropy_and_the_teacher_does_n
     method = ESKD(_net(), teacher, alpha=0.9, stop_epoch=1)
     batch = {"image": torch.randn(8, 1, 8, 8), "label": torch.arange(8), "index": torch.arange(8)}
     kd_stage, ce_stage = method.stages(2)
-    method.on_stage_start(kd_stage)
+    method.on_stage_start(kd_stage, None)
     losses, metrics = method.training_step(batch)
     assert set(losses) == {"ce", "kd"} and metrics["kd_weight"] == pytest.approx(0.9) and len(teacher_calls) == 1
-    method.on_stage_start(ce_stage)
+    method.on_stage_start(ce_stage, None)
     losses, metrics = method.training_step(batch)
     assert set(losses) == {"ce"} and metrics["kd_weight"] == 0 and len(teacher_calls) == 1
     assert torch.allclose(losses["ce"], F.cross_entropy(method.student(batch["image"]), batch["label"]))

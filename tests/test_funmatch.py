@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from conftest import make_cfg
+from kdrun.data import BatchSpec
 from kdrun.data.loaders import BatchAugment, Normalize, TensorLoader, Views, mixup
 from kdrun.data.sources import InMemory
 from kdrun.errors import KdrunError
@@ -36,7 +37,7 @@ def _fed(mode: str):
     torch.manual_seed(0)
     data = InMemory(torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8), torch.arange(64) % 10)
     method = FunMatch(Recorder(), Recorder(), teacher_view=mode, mixup_alpha=1.0)
-    views = Views(method.teacher_input, method.mixup_alpha)
+    views = Views(method.batch_spec.teacher_view, method.batch_spec.mixup_alpha)
     loader = TensorLoader(data, 32, NORM, "cpu", shuffle=True, drop_last=True, augment=AUGMENT, seed=0, views=views)
     batch = next(iter(loader))
     method.training_step(batch)
@@ -109,11 +110,11 @@ def test_funmatch_loss_ignores_labels_and_other_modes_have_no_mixup():
     method = FunMatch(Recorder(), Recorder(), teacher_view="consistent", mixup_alpha=1.0)
     a = method.training_step(batch)[0]["kl"]
     b = method.training_step({**batch, "label": (batch["label"] + 1) % 10})[0]["kl"]
-    assert torch.equal(a, b) and method.mixup_alpha == 0.0
+    assert torch.equal(a, b) and method.batch_spec.mixup_alpha == 0.0
     with pytest.raises(KdrunError, match="use one of fixed, independent, consistent, function_matching"):
         FunMatch(Recorder(), Recorder(), teacher_view="same")
     with pytest.raises(KdrunError, match="clean teacher view"):
-        Views("clean", 1.0)
+        BatchSpec("clean", 1.0)
 
 
 # a cheap teacher and student on scikit-learn's digits (the same teacher settings in test_eskd and test_cache,

@@ -11,7 +11,6 @@ from torch import nn
 
 from conftest import make_cfg
 from kdrun import data as kdata, models
-from kdrun.data import semi
 from kdrun.data.loaders import Normalize
 from kdrun.engine import Engine
 from kdrun.errors import KdrunError
@@ -19,17 +18,30 @@ from kdrun.methods.data_distillation import DataDistillation, zoom
 from kdrun.methods.mpl import MPL
 from kdrun.methods.noisy_student import NoisyStudent
 from kdrun.run import run
-from kdrun.teacher import build_model, cache_key
+from kdrun.teacher import cache_key
 
 
 def _cnn(**kwargs):
     return models.create("cnn", 10, in_chans=1, width=4, **kwargs)
 
 
-def _engine(method, loader, test_loader=None, **schedule):
-    cfg = make_cfg("dataset=digits", "schedule=sgd_cosine")  # SGD, lr 0.05, Nesterov momentum 0.9
-    sched = OmegaConf.merge(cfg.schedule, {"epochs": 1}, {"optimizer": schedule})
-    return Engine(method, loader, test_loader, sched, cfg.trainer, run_dir=None)
+class _Fixed:
+    """A loader factory whose training data is a fixed list of batches."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def train(self, selection=None):
+        return self.batches
+
+
+def _engine(method, loaders, **optimizer):
+    """An engine as at the start of its first stage (SGD, lr 0.05, Nesterov momentum 0.9), to step `method` by hand."""
+    cfg = make_cfg("dataset=digits", "schedule=sgd_cosine")
+    sched = OmegaConf.merge(cfg.schedule, {"epochs": 1}, {"optimizer": optimizer})
+    engine = Engine(method, loaders, sched, cfg.trainer)
+    engine.train_loader = loaders.train()
+    return engine
 
 
 def _digits_split():
@@ -41,21 +53,19 @@ def test_noisy_students_pseudo_labels_come_from_the_un_noised_teacher():
     data = _digits_split()
     teacher = _cnn(dropout=0.5)  # BatchNorm and dropout: both would change its outputs in train mode
     method = NoisyStudent(_cnn(), teacher, iterations=1, threshold=0.0, randaugment={"num_ops": 2, "magnitude": 9})
-    loader = semi.loader(data, method.unlabeled, 16, "cpu", seed=0)
-    test_loader = kdata.loaders(data, 16, 1000, "cpu", seed=0)[1]
-    engine = _engine(method, loader, test_loader)
+    engine = _engine(method, kdata.Loaders(data, method.batch_spec, 16, 1000, "cpu", seed=0))
     calls = []
     teacher.register_forward_hook(lambda m, inputs, out: calls.append((m.training, inputs[0].clone())))
     method.train()
-    method.on_stage_start(method.stages(1)[0])
-    method.make_labels(engine)
+    method.on_stage_start(method.stages(1)[0], engine.loop)
+    method.make_labels(engine.loop)
     assert calls and not any(training for training, _ in calls)
-    clean = Normalize(data.mean, data.std, "cpu")(data.split.unlabeled.images)
+    clean = Normalize(data.mean, data.std, "cpu")(data.labeled_split.unlabeled.images)
     labelled = torch.cat([x for _, x in calls if len(x) != len(data.splits.test)])
     assert torch.equal(labelled, clean)  # no augmentation
     with torch.no_grad():
         assert torch.allclose(method.targets, F.softmax(teacher.eval()(clean), 1), atol=1e-6)
-    batch = next(iter(loader))  # ... while the student's images are noised
+    batch = next(iter(engine.train_loader))  # ... while the student's images are noised
     assert not torch.allclose(batch["unlabeled_image"], clean[batch["unlabeled_index"]])
 
 
@@ -67,25 +77,25 @@ def test_noisy_student_balances_classes_and_the_student_becomes_the_teacher():
     assert w.tolist() == [1, 1, 0, 0, 2, 2, 0]  # class 0: its 2 most confident; classes 1, 2: duplicated x2
     first = {k: v.clone() for k, v in method.student.state_dict().items()}
     stages = method.stages(1)
-    method.on_stage_start(stages[0])
+    method.on_stage_start(stages[0], None)
     assert method.labeler() is method.teacher
     with torch.no_grad():
         for p in method.student.parameters():
             p.add_(1.0)  # "training"
     trained = {k: v.clone() for k, v in method.student.state_dict().items()}
-    method.on_stage_start(stages[1])
+    method.on_stage_start(stages[1], None)
     assert method.labeler() is method.previous and int(method.iteration) == 2
     assert all(torch.equal(method.previous.state_dict()[k], v) for k, v in trained.items())
     assert all(torch.equal(method.student.state_dict()[k], v) for k, v in first.items())
-    method.on_stage_start(stages[1])  # a resumed iteration does not swap again
+    method.on_stage_start(stages[1], None)  # a resumed iteration does not swap again
     assert all(torch.equal(method.previous.state_dict()[k], v) for k, v in trained.items())
 
 
 def test_student_noise_reaches_the_model():
     data = kdata.Data("x", kdata.Splits(None, None, 10, 1, 28), [0.3], [0.3], {})
-    assert build_model(make_cfg("student.drop_rate=0.5").student, data).dropout.p == 0.5  # cnn's `dropout`
+    assert models.build(make_cfg("student.drop_rate=0.5").student, data).dropout.p == 0.5  # cnn's `dropout`
     with pytest.raises(KdrunError, match="does not take drop_path_rate"):
-        build_model(make_cfg("student.drop_path_rate=0.2").student, data)
+        models.build(make_cfg("student.drop_path_rate=0.2").student, data)
 
 
 def test_data_distillation_ensembles_zooms_and_flips():
@@ -131,12 +141,12 @@ def test_mpl_teacher_is_reinforced_exactly_when_its_pseudo_labels_help_the_stude
                  pseudo_labels=pseudo_labels)
     batch = {"image": torch.tensor([[1.0, 0.0]]), "label": torch.tensor([0]),
              "unlabeled_image": torch.tensor([[1.0, 1.0]]), "unlabeled_index": torch.tensor([0])}
-    engine = _engine(method, [batch], weight_decay=0.0)
+    engine = _engine(method, _Fixed([batch]), weight_decay=0.0)
     stage = method.stages(1)[0]
     engine.optimizer, engine.scheduler = engine.make_optimizer(stage.params, 1)
-    method.on_stage_start(stage)
+    method.on_stage_start(stage, engine.loop)
     before = F.softmax(teacher(batch["unlabeled_image"]), 1)[0, pseudo].item()
-    losses, metrics = method.step(batch, engine)
+    losses, metrics = method.step(batch, engine.loop)
     after = F.softmax(teacher(batch["unlabeled_image"]), 1)[0, pseudo].item()
     assert metrics["h"].item() == pytest.approx(h_expected, abs=1e-6)
     assert (after > before) == (h_expected > 0) and after != before
@@ -154,8 +164,8 @@ def test_mpl_keeps_its_teacher_and_teacher_optimizer_in_its_state():
     def make():
         torch.manual_seed(0)
         m = MPL(_cnn(), _cnn(), randaugment=None, uda_weight=0.0)
-        e = _engine(m, [None] * 4)
-        m.on_stage_start(m.stages(1)[0])
+        e = _engine(m, _Fixed([None] * 4))
+        m.on_stage_start(m.stages(1)[0], e.loop)
         return m, e
 
     method, _ = make()

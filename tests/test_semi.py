@@ -44,11 +44,11 @@ def test_bad_split_settings_name_the_fix(kwargs, message):
 
 def test_the_split_cuts_the_training_set_is_recorded_and_keys_the_teacher(tmp_path):
     data = _digits("dataset.labeled_per_class=5")
-    assert len(data.splits.train) == 50 and len(data.split.unlabeled) == 1437 - 50
-    assert torch.equal(data.splits.train.labels, _digits().splits.train.labels[data.split.labeled_index])
-    data.split.save(tmp_path / "split.json")
+    assert len(data.splits.train) == 50 and len(data.labeled_split.unlabeled) == 1437 - 50
+    assert torch.equal(data.splits.train.labels, _digits().splits.train.labels[data.labeled_split.labeled_index])
+    data.labeled_split.save(tmp_path / "split.json")
     record = json.loads((tmp_path / "split.json").read_text())
-    assert record["labeled_per_class"] == 5 and record["labeled_index"] == data.split.labeled_index.tolist()
+    assert record["labeled_per_class"] == 5 and record["labeled_index"] == data.labeled_split.labeled_index.tolist()
     assert record["num_unlabeled"] == 1387 and sum(record["unlabeled_per_class"]) == 1387
     keys = {cache_key(make_cfg("dataset=digits", *o)) for o in
             [(), ("dataset.labeled_per_class=5",), ("dataset.labeled_per_class=6",),
@@ -80,8 +80,10 @@ def test_unlabeled_stream_sits_beside_the_labeled_batches():
     assert not torch.equal(b["unlabeled_image"], b["unlabeled_weak_image"])
     seen = torch.cat([b["unlabeled_index"], *(c["unlabeled_index"] for _ in range(10) for c in loader)])
     assert len(set(seen[:1387].tolist())) == 1387  # the stream runs on across epochs: one full pass first
-    clean = torch.cat([c["image"] for c in loader.unlabeled_batches(500)])
-    assert torch.equal(clean, Normalize(data.mean, data.std, "cpu")(data.split.unlabeled.images))
+    plain = kdata.Loaders(data, kdata.BatchSpec(unlabeled=stream), 16, 500, "cpu", seed=0).evaluation(
+        kdata.EvalSet("unlabeled", "unlabeled"))
+    clean = torch.cat([c["image"] for c in plain])
+    assert torch.equal(clean, Normalize(data.mean, data.std, "cpu")(data.labeled_split.unlabeled.images))
     state = loader.state_dict()
     first = next(iter(loader))
     loader.load_state_dict(state)

@@ -1,27 +1,35 @@
-"""Datasets by `_target_` (see `sources`), and the loaders that turn them into batches."""
+"""Datasets by `_target_` (see `sources`), what a method's batches carry (`BatchSpec`), which data a
+stage draws and reports on (`Selection`, `EvalSet`), and the loader factory the run hands the engine
+(`Loaders`)."""
 
+import hashlib
+import json
 from dataclasses import dataclass
 
+import torch
 from omegaconf import DictConfig
 
+from kdrun.data import semi
 from kdrun.data.loaders import BatchAugment, FolderLoader, Normalize, TensorLoader, Views
+from kdrun.data.semi import LabeledSplit, Stream, labels_of
 from kdrun.data.sources import InMemory, Splits
-from kdrun.data.semi import Split, split
-from kdrun.errors import instantiate
+from kdrun.errors import KdrunError, instantiate
 
-__all__ = ["Data", "Views", "build", "folder_transforms", "loaders", "train_augment"]
+__all__ = ["BatchSpec", "Data", "EvalSet", "Loaders", "Selection", "build", "folder_transforms", "train_augment"]
+
+TEACHER_VIEWS = ("same", "independent", "clean")
 
 
 @dataclass
 class Data:
-    """A dataset ready for training: its splits, its shape and how to normalise it."""
+    """A dataset ready for training: its train/test splits, its shape and how to normalise it."""
 
     name: str
     splits: Splits
     mean: list[float]
     std: list[float]
     augment: dict
-    split: Split | None = None  # the labeled/unlabeled split, when dataset.labeled_* asks for one
+    labeled_split: LabeledSplit | None = None  # when dataset.labeled_* asks for one; `splits.train` is the labeled part
 
     @property
     def num_classes(self) -> int:
@@ -35,6 +43,65 @@ class Data:
     def image_size(self) -> int:
         return self.splits.image_size
 
+    def part(self, name: str):
+        """A split by name: `train` (the labeled part, when there is a labeled split), `test`, `unlabeled`."""
+        if name == "unlabeled":
+            if self.labeled_split is None:
+                raise KdrunError("this run asks for the unlabeled images, but the training set is not split; "
+                                 "split it with dataset.labeled_per_class=N (or dataset.labeled_fraction=F)")
+            return self.labeled_split.unlabeled
+        if name not in ("train", "test"):
+            raise KdrunError(f"unknown data split '{name}'; use train, test or unlabeled")
+        return getattr(self.splits, name)
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What a method's training batches carry: its one declaration, read by `Loaders` (and `kdrun.cache`).
+
+    `teacher_view`: what the teacher sees: the student's very image ("same"), an independently drawn view
+    of the same image ("independent"), or the un-augmented image ("clean").
+    `mixup_alpha`: mixup on the training views (not the clean one), coefficient ~ Beta(alpha, alpha).
+    `cacheable`: the method reads nothing of the teacher but its logits, so `kdrun.cache` may stand in for it.
+    `unlabeled`: unlabeled batches beside the labeled ones (`semi.Stream`: how many, how noised).
+    """
+
+    teacher_view: str = "same"
+    mixup_alpha: float = 0.0
+    cacheable: bool = False
+    unlabeled: Stream | None = None
+
+    def __post_init__(self):
+        if self.teacher_view not in TEACHER_VIEWS:
+            raise KdrunError(f"unknown teacher view '{self.teacher_view}'; use one of {', '.join(TEACHER_VIEWS)}")
+        if self.teacher_view == "clean" and self.mixup_alpha:
+            raise KdrunError("mixup changes the student's image but a clean teacher view does not see it; "
+                             "use mixup with the same or an independent teacher view")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The training images a stage draws: those of `classes` and/or at `indices` (positions in the run's
+    training set); None: all. Batches keep each image's position in the whole set as `index`."""
+
+    classes: tuple[int, ...] | None = None
+    indices: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A named evaluation set, reported as `<name>/acc` and `<name>/loss`: the images of `split` (train, test,
+    unlabeled) of `classes` (None: all); with `mask`, the logits are restricted to those classes (the
+    task-incremental protocol)."""
+
+    name: str
+    split: str = "test"
+    classes: tuple[int, ...] | None = None
+    mask: bool = False
+
+
+TEST = EvalSet("test")
+
 
 def build(cfg: DictConfig) -> Data:
     """Load the dataset that `cfg` (the `dataset` group) describes."""
@@ -43,7 +110,7 @@ def build(cfg: DictConfig) -> Data:
     std = list(cfg.std) if cfg.get("std") else [0.5] * splits.in_chans
     if len(mean) != splits.in_chans:  # a grey-scale dataset read as RGB, or the reverse
         mean, std = [sum(mean) / len(mean)] * splits.in_chans, [sum(std) / len(std)] * splits.in_chans
-    return split(Data(cfg.name, splits, mean, std, dict(cfg.get("augment") or {})), cfg)
+    return semi.split(Data(cfg.name, splits, mean, std, dict(cfg.get("augment") or {})), cfg)
 
 
 def train_augment(data: Data) -> BatchAugment:
@@ -51,27 +118,97 @@ def train_augment(data: Data) -> BatchAugment:
     return BatchAugment(data.augment.get("crop_padding", 0), data.augment.get("flip", False))
 
 
-def loaders(data: Data, batch_size: int, eval_batch_size: int, device, seed: int, num_workers: int = 0,
-            views: Views = Views(), rank: int = 0, world_size: int = 1):
-    """The shuffled, augmented training loader (carrying the method's `views`) and the plain test loader;
-    with several ranks, this rank's share of both (the batch sizes are global)."""
-    normalize = Normalize(data.mean, data.std, device)
-    train, test = data.splits.train, data.splits.test
-    shard = {"rank": rank, "world_size": world_size}
-    if isinstance(train, InMemory):
-        return (
-            TensorLoader(train, batch_size, normalize, device, shuffle=True, drop_last=True,
-                         augment=train_augment(data), seed=seed, views=views, **shard),
-            TensorLoader(test, eval_batch_size, normalize, device, **shard),
-        )
-    train_tf, test_tf = folder_transforms(data)
-    teacher_tf = None if views.cached else {"independent": train_tf, "clean": test_tf}.get(views.teacher)
-    return (
-        FolderLoader(train, train_tf, batch_size, normalize, device, shuffle=True, drop_last=True,
-                     num_workers=num_workers, seed=seed, teacher_transform=teacher_tf, mixup_alpha=views.mixup_alpha,
-                     **shard),
-        FolderLoader(test, test_tf, eval_batch_size, normalize, device, num_workers=num_workers, **shard),
-    )
+def positions(part, classes: tuple[int, ...] | None = None, indices: tuple[int, ...] | None = None) -> torch.Tensor | None:
+    """The positions in `part` of the images of `classes` among `indices` (None where both are None)."""
+    if classes is None and indices is None:
+        return None
+    index = torch.as_tensor(indices, dtype=torch.long) if indices is not None else torch.arange(len(part))
+    if classes is not None:
+        index = index[torch.isin(labels_of(part)[index], torch.as_tensor(classes))]
+    if not len(index):
+        raise KdrunError(f"the selection classes={classes} indices={'given' if indices else None} holds no image; "
+                         "choose classes and indices that the dataset has")
+    return index
+
+
+class Loaders:
+    """The loader factory a run hands the engine: a stage's training loader (for its `Selection`) and the
+    loader of each named evaluation set, each built once and kept, so stages that draw the same data go on
+    with one stream of batches and one random state (which `state_dict` gives, for resuming). With several
+    ranks, this rank's share of each (the batch sizes are global)."""
+
+    def __init__(self, data: Data, spec: BatchSpec, batch_size: int, eval_batch_size: int, device, seed: int,
+                 num_workers: int = 0, cache=None, rank: int = 0, world_size: int = 1):
+        """`cache`: the teacher cache (`kdrun.cache.TeacherCache`) the method reads, or None."""
+        if spec.unlabeled is not None:
+            semi.check(data, world_size)  # before any work: the unlabeled stream needs a split, in memory
+        self.data, self.spec, self.device, self.seed = data, spec, device, seed
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.views = Views(spec.teacher_view, spec.mixup_alpha, cached=cache is not None,
+                           stored=cache.stored if cache is not None else None)
+        self.shard = {"rank": rank, "world_size": world_size}
+        self.normalize = Normalize(data.mean, data.std, device)
+        self._train, self._eval, self._states = {}, {}, {}
+
+    @staticmethod
+    def key(selection: Selection | None) -> str:
+        """The name under which the training loader of `selection` keeps its random state."""
+        if selection is None or selection == Selection():
+            return "train"
+        return "train-" + hashlib.sha256(json.dumps([selection.classes, selection.indices]).encode()).hexdigest()[:12]
+
+    def train(self, selection: Selection | None = None):
+        """The shuffled, augmented training loader of `selection`, carrying the method's declared views."""
+        key = self.key(selection)
+        if key not in self._train:
+            loader = self._build_train(selection or Selection())
+            if key in self._states:
+                loader.load_state_dict(self._states.pop(key))
+            self._train[key] = loader
+        return self._train[key]
+
+    def _build_train(self, selection: Selection):
+        data, spec = self.data, self.spec
+        train = data.splits.train
+        where = positions(train, selection.classes, selection.indices)
+        if spec.unlabeled is not None:
+            return semi.loader(data, spec.unlabeled, self.batch_size, self.device, self.seed, positions=where)
+        if isinstance(train, InMemory):
+            return TensorLoader(train, self.batch_size, self.normalize, self.device, shuffle=True, drop_last=True,
+                                augment=train_augment(data), seed=self.seed, views=self.views, positions=where,
+                                **self.shard)
+        train_tf, test_tf = folder_transforms(data)
+        teacher_tf = None if self.views.cached else {"independent": train_tf, "clean": test_tf}.get(self.views.teacher)
+        return FolderLoader(train, train_tf, self.batch_size, self.normalize, self.device, shuffle=True, drop_last=True,
+                            num_workers=self.num_workers, seed=self.seed, teacher_transform=teacher_tf,
+                            mixup_alpha=self.views.mixup_alpha, positions=where, **self.shard)
+
+    def evaluation(self, which: EvalSet = TEST):
+        """The plain (un-augmented, in order) loader of an evaluation set."""
+        key = (which.split, which.classes)
+        if key not in self._eval:
+            part = self.data.part(which.split)
+            where = positions(part, which.classes)
+            if isinstance(part, InMemory):
+                loader = TensorLoader(part, self.eval_batch_size, self.normalize, self.device, positions=where,
+                                      **self.shard)
+            else:
+                loader = FolderLoader(part, folder_transforms(self.data)[1], self.eval_batch_size, self.normalize,
+                                      self.device, num_workers=self.num_workers, positions=where, **self.shard)
+            self._eval[key] = loader
+        return self._eval[key]
+
+    def state_dict(self) -> dict:
+        """The random state of every training loader built so far, by `key`."""
+        return {key: loader.state_dict() for key, loader in self._train.items()}
+
+    def load_state_dict(self, states: dict) -> None:
+        """Restore the training loaders' random states; those not built yet take theirs when they are."""
+        for key, state in states.items():
+            if key in self._train:
+                self._train[key].load_state_dict(state)
+            else:
+                self._states[key] = state
 
 
 def folder_transforms(data: Data):

@@ -1,6 +1,8 @@
 """Batches as dicts: `image` (normalised float), `label`, `index` (position in the split), and the
-views a method declares (`Views`): `teacher_image` when the teacher sees another image than the
-student, `view` when the teacher's outputs come from a stored set of views (`kdrun.cache`).
+views a method declares (`kdrun.data.BatchSpec`, resolved here as `Views`): `teacher_image` when the
+teacher sees another image than the student, `view` when the teacher's outputs come from a stored set
+of views (`kdrun.cache`). A loader may draw only some of a split (`positions`); `index` stays the
+position in the whole split, so per-image state (a memory bank, the teacher cache) stays valid.
 
 `TensorLoader` is the fast path for datasets held in memory: one `index_select` per batch
 and augmentation done on the whole batch, on the training device. `FolderLoader` wraps a
@@ -12,12 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from kdrun.data.sources import InMemory
-from kdrun.errors import KdrunError
-
-TEACHER_INPUTS = ("same", "independent", "clean")
 
 
 class BatchAugment:
@@ -81,7 +80,8 @@ class Mixer:
 
 @dataclass(frozen=True)
 class Views:
-    """The views a method's training batches carry: its declaration, honoured by the data side.
+    """The views a training loader builds: a method's declaration (`kdrun.data.BatchSpec`) resolved
+    against the teacher cache.
 
     `teacher`: what the teacher sees: the student's very image ("same"), an independently drawn view
     of the same image ("independent"), or the un-augmented image ("clean").
@@ -94,13 +94,6 @@ class Views:
     mixup_alpha: float = 0.0
     cached: bool = False
     stored: "StoredViews | None" = None
-
-    def __post_init__(self):
-        if self.teacher not in TEACHER_INPUTS:
-            raise KdrunError(f"unknown teacher view '{self.teacher}'; use one of {', '.join(TEACHER_INPUTS)}")
-        if self.teacher == "clean" and self.mixup_alpha:
-            raise KdrunError("mixup changes the student's image but a clean teacher view does not see it; "
-                             "use mixup with the same or an independent teacher view")
 
 
 class StoredViews:
@@ -168,13 +161,14 @@ class TensorLoader:
 
     def __init__(self, data: InMemory, batch_size: int, normalize: Normalize, device, shuffle: bool = False,
                  drop_last: bool = False, augment: BatchAugment | None = None, seed: int = 0,
-                 views: Views = Views(), rank: int = 0, world_size: int = 1):
+                 views: Views = Views(), rank: int = 0, world_size: int = 1, positions: torch.Tensor | None = None):
         """With several ranks (`kdrun.dist`), `batch_size` is the global batch: every rank draws the same
         batches (one shared order and stream of random draws) and takes its slice of each, so together
-        they see what a single process would."""
+        they see what a single process would. `positions`: draw only these images of `data`."""
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
-        self.batch_size = min(batch_size, len(data)) if drop_last else batch_size
+        self.positions = positions.to(self.images.device) if positions is not None else None
+        self.batch_size = min(batch_size, self.num_images) if drop_last else batch_size
         self.normalize = normalize
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -185,8 +179,12 @@ class TensorLoader:
         self.stored = views.stored.to(device) if views.stored is not None else None
         self.rank, self.world_size = rank, world_size
 
+    @property
+    def num_images(self) -> int:
+        return len(self.labels) if self.positions is None else len(self.positions)
+
     def __len__(self) -> int:
-        n = len(self.labels) / self.batch_size
+        n = self.num_images / self.batch_size
         return int(n) if self.drop_last else math.ceil(n)
 
     def state_dict(self) -> dict:
@@ -209,9 +207,11 @@ class TensorLoader:
         return self.mix(x) if self.mix is not None else x
 
     def __iter__(self):
-        n = len(self.labels)
+        n = self.num_images
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.images.device)
+        if self.positions is not None:
+            order = self.positions[order]
         teacher = self.views.teacher
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
@@ -253,11 +253,15 @@ class FolderLoader:
 
     def __init__(self, dataset: Dataset, transform, batch_size: int, normalize: Normalize, device,
                  shuffle: bool = False, drop_last: bool = False, num_workers: int = 0, seed: int = 0,
-                 teacher_transform=None, mixup_alpha: float = 0.0, rank: int = 0, world_size: int = 1):
-        """`rank`, `world_size`: as for `TensorLoader` (`batch_size` is the global batch)."""
+                 teacher_transform=None, mixup_alpha: float = 0.0, rank: int = 0, world_size: int = 1,
+                 positions: torch.Tensor | None = None):
+        """`rank`, `world_size`, `positions`: as for `TensorLoader` (`batch_size` is the global batch)."""
         self.device = torch.device(device)
         self.normalize = normalize
         self.generator = generator = torch.Generator().manual_seed(seed)
+        self.positions = positions.to(self.device) if positions is not None else None
+        if positions is not None:
+            dataset = Subset(dataset, positions.tolist())
         dataset = _Indexed(dataset, transform, teacher_transform)
         sampler = _RankSampler(len(dataset), batch_size, rank, world_size, shuffle, drop_last, generator)
         self.loader = DataLoader(
@@ -284,7 +288,10 @@ class FolderLoader:
 
     def __iter__(self):
         for *images, label, index in self.loader:
-            batch = {"image": self._view(images[0]), "label": label.to(self.device), "index": index.to(self.device)}
+            index = index.to(self.device)
+            if self.positions is not None:
+                index = self.positions[index]
+            batch = {"image": self._view(images[0]), "label": label.to(self.device), "index": index}
             if len(images) == 2:
                 batch["teacher_image"] = self._view(images[1])
             yield batch

@@ -56,7 +56,7 @@ def split_indices(labels: torch.Tensor, labeled_per_class: int | None = None, la
 
 
 @dataclass
-class Split:
+class LabeledSplit:
     """The labeled/unlabeled split of a training set; `unlabeled` keeps its labels for diagnostics only."""
 
     labeled_index: torch.Tensor  # positions in the training set; the unlabeled part is the rest, in order
@@ -65,14 +65,15 @@ class Split:
 
     def save(self, path: str | Path) -> None:
         """Record the split (its settings and the labeled positions; the unlabeled are the rest) as JSON."""
-        labels = _labels(self.unlabeled)
+        labels = labels_of(self.unlabeled)
         record = {**self.config, "num_labeled": len(self.labeled_index), "num_unlabeled": len(labels),
                   "unlabeled_per_class": torch.bincount(labels).tolist(),
                   "labeled_index": self.labeled_index.tolist()}
         Path(path).write_text(json.dumps(record) + "\n")
 
 
-def _labels(part: InMemory | Dataset) -> torch.Tensor:
+def labels_of(part: InMemory | Dataset) -> torch.Tensor:
+    """The labels of a split, in memory or a (sub)set of a torchvision dataset."""
     if isinstance(part, InMemory):
         return part.labels
     if isinstance(part, Subset):
@@ -88,16 +89,16 @@ def _part(train: InMemory | Dataset, index: torch.Tensor) -> InMemory | Dataset:
 
 def split(data, cfg):
     """`data` (a `kdrun.data.Data`) with its training set cut to the labeled part, when `cfg` (the
-    `dataset` group) asks for a split; the unlabeled part goes to `data.split`."""
+    `dataset` group) asks for a split; the unlabeled part goes to `data.labeled_split`."""
     per_class, fraction = cfg.get("labeled_per_class"), cfg.get("labeled_fraction")
     if per_class is None and fraction is None:
         return data
     train = data.splits.train
     seed = int(cfg.get("split_seed") or 0)
-    labeled, unlabeled = split_indices(_labels(train), per_class, fraction, seed)
+    labeled, unlabeled = split_indices(labels_of(train), per_class, fraction, seed)
     config = {"labeled_per_class": per_class, "labeled_fraction": fraction, "split_seed": seed}
     splits = replace(data.splits, train=_part(train, labeled))
-    return replace(data, splits=splits, split=Split(labeled, _part(train, unlabeled), config))
+    return replace(data, splits=splits, labeled_split=LabeledSplit(labeled, _part(train, unlabeled), config))
 
 
 # ---- RandAugment -------------------------------------------------------------------------------------
@@ -195,7 +196,6 @@ class SemiLoader:
                  augment: BatchAugment, randaugment: RandAugment | None, weak_view: bool, seed: int):
         self.labeled = labeled
         self.images = unlabeled.images.to(labeled.images.device)
-        self.labels = unlabeled.labels  # for diagnostics (pseudo-label accuracy), never for training
         self.batch_size = min(batch_size, len(unlabeled))
         self.normalize = normalize
         self.augment = augment if augment else None
@@ -252,28 +252,30 @@ class SemiLoader:
             batch["unlabeled_index"] = index
             yield batch
 
-    def unlabeled_batches(self, batch_size: int = 1000):
-        """The un-augmented unlabeled images, in order, normalised: {"image", "index"} dicts (for labelling)."""
-        for start in range(0, len(self.images), batch_size):
-            index = torch.arange(start, min(start + batch_size, len(self.images)), device=self.images.device)
-            yield {"image": self.normalize(self.images[start:start + batch_size]), "index": index}
 
 
-def loader(data, stream: Stream, batch_size: int, device, seed: int, world_size: int = 1) -> SemiLoader:
-    """The training loader of a method that declared `stream`, over `data` (a `kdrun.data.Data`) split."""
+def check(data, world_size: int = 1) -> None:
+    """One sentence naming the fix when `data` (a `kdrun.data.Data`) cannot feed an unlabeled stream."""
     if world_size > 1:
         raise KdrunError("semi-supervised methods (an unlabeled stream) run on one device; set trainer.devices=1")
-    if data.split is None:
+    if data.labeled_split is None:
         raise KdrunError("this method trains on unlabeled images too; split the training set with "
                          "dataset.labeled_per_class=N (or dataset.labeled_fraction=F)")
-    if not isinstance(data.split.unlabeled, InMemory):
+    if not isinstance(data.labeled_split.unlabeled, InMemory):
         raise KdrunError(f"{data.name} is read from files, and the unlabeled stream needs an in-memory dataset "
                          "(mnist, fashion_mnist, cifar10, cifar100, svhn, digits); choose one of those")
+
+
+def loader(data, stream: Stream, batch_size: int, device, seed: int, world_size: int = 1,
+           positions: torch.Tensor | None = None) -> SemiLoader:
+    """The training loader of a method that declared `stream`, over `data` (a `kdrun.data.Data`) split;
+    `positions`: the labeled images it draws (None: all)."""
+    check(data, world_size)
     normalize = Normalize(data.mean, data.std, device)
     augment = BatchAugment(data.augment.get("crop_padding", 0), data.augment.get("flip", False))
     strong = RandAugment(**stream.randaugment) if stream.randaugment else None
     labeled_augment = _Chain(augment, strong) if stream.noise_labeled else augment
     labeled = TensorLoader(data.splits.train, batch_size, normalize, device, shuffle=True, drop_last=True,
-                           augment=labeled_augment, seed=seed)
-    return SemiLoader(labeled, data.split.unlabeled, round(stream.ratio * labeled.batch_size), normalize, augment,
+                           augment=labeled_augment, seed=seed, positions=positions)
+    return SemiLoader(labeled, data.labeled_split.unlabeled, round(stream.ratio * labeled.batch_size), normalize, augment,
                       strong, stream.weak_view, seed)

@@ -1,15 +1,19 @@
 """The method contract: what every method declares and does, so the engine never learns a name.
 
 A method is an `nn.Module` holding the student, the teacher (frozen, always in eval mode) and
-any trainable modules of its own. Per batch it returns named losses, already weighted (the
-engine sums them for the backward), and named metrics. Methods of several phases describe
-them as `Stage`s; the engine runs them in order.
+any trainable modules of its own. It declares what its batches carry (`batch_spec`, a
+`kdrun.data.BatchSpec`); per batch it returns named losses, already weighted (the engine sums
+them for the backward), and named metrics. Methods of several phases describe them as `Stage`s,
+each with its own training data and evaluation sets; the engine runs them in order. Stage hooks
+and a method's own `step` see the loop only through its context (`kdrun.engine.Loop`).
 """
 
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from kdrun.data import TEST, BatchSpec, EvalSet, Selection
 
 
 @dataclass
@@ -20,6 +24,8 @@ class Stage:
     `fresh_optimizer`: start a new optimizer and LR schedule at this stage; when False the stage
     continues the previous stage's optimizer and schedule (the schedule then spans both).
     `lr_scale`: a fresh optimizer's learning rate is the schedule's times this (e.g. a gentle fine-tuning).
+    `data`: the training images it draws (None: the run's whole training set).
+    `evaluate`: the named evaluation sets reported after its epochs (`<name>/acc`, `<name>/loss`).
     """
 
     name: str
@@ -27,20 +33,28 @@ class Stage:
     params: list[nn.Parameter] | None = None
     fresh_optimizer: bool = True
     lr_scale: float = 1.0
+    data: Selection | None = None
+    evaluate: tuple[EvalSet, ...] = (TEST,)
     info: dict = field(default_factory=dict)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy of a batch, as a tensor (no host sync)."""
+    return (logits.argmax(1) == labels).float().mean()
+
+
+def teacher_view(batch: dict) -> torch.Tensor:
+    """The image the teacher sees: the batch's `teacher_image` when it has its own view, else the student's."""
+    return batch.get("teacher_image", batch["image"])
 
 
 class Method(nn.Module):
     """Base class: supervised-style training of `student`; subclasses add a teacher and losses."""
 
-    needs_teacher: bool = False
-    teacher_input: str = "same"  # the teacher sees the student's "same" image, an "independent" view or the "clean" one
-    mixup_alpha: float = 0.0  # mixup on the training views, done by the data side (kdrun.data.Views)
-    teacher_cacheable: bool = False  # only the teacher's logits are used, so kdrun.cache may stand in for it
-    teacher_cache = None  # set by kdrun.cache (teacher.cache=true): teacher_outputs reads it instead
-    trains_teacher: bool = False  # the teacher starts untrained and the method trains it (meta pseudo labels)
-    unlabeled = None  # a kdrun.data.semi.Stream when the method also trains on unlabeled batches
-    engine = None  # the Engine running the method, set by it: hooks reach its loaders, evaluation and logger
+    needs_teacher: bool = False  # the run provides a trained teacher (checkpoint, cache or trained first)
+    trains_teacher: bool = False  # the run builds an untrained teacher, which the method trains (meta pseudo labels)
+    batch_spec = BatchSpec()  # what the training batches carry; a method may set its own in __init__
+    teacher_cache = None  # the teacher's cached outputs (kdrun.cache.TeacherCache), handed over by the run
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
         super().__init__()
@@ -55,25 +69,25 @@ class Method(nn.Module):
         depends on it (feature connectors sized by a probe forward, a memory bank per training sample)."""
 
     def stages(self, epochs: int) -> list[Stage]:
-        """The phases of training for a schedule of `epochs` epochs; one stage by default."""
+        """The phases of training for a schedule of `epochs` epochs; one stage by default. No side effects."""
         return [Stage("train", epochs)]
 
-    def on_stage_start(self, stage: Stage) -> None:
+    def on_stage_start(self, stage: Stage, loop) -> None:
         """Called by the engine before a stage's first step."""
 
-    def on_stage_end(self, stage: Stage) -> None:
+    def on_stage_end(self, stage: Stage, loop) -> None:
         """Called by the engine after a stage's last step."""
 
     def training_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Return (losses, metrics) for one batch; the losses are summed for the backward."""
         raise NotImplementedError
 
-    def step(self, batch: dict, engine) -> tuple[dict, dict]:
+    def step(self, batch: dict, loop) -> tuple[dict, dict]:
         """One optimisation step. Methods whose update is not "sum, backward, step" override this,
-        using `engine.autocast()` and `engine.optimize(loss)` so AMP and gradient scaling still hold."""
-        with engine.autocast():
+        using `loop.autocast()` and `loop.optimize(loss)` so AMP and gradient scaling still hold."""
+        with loop.autocast():
             losses, metrics = self.training_step(batch)
-        engine.optimize(sum(losses.values()))
+        loop.optimize(sum(losses.values()))
         return losses, metrics
 
     def cached_teacher(self) -> nn.Module:
@@ -83,10 +97,10 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def teacher_outputs(self, batch: dict) -> torch.Tensor:
-        """The teacher's logits for the batch's teacher view (`teacher_image`, else `image`), or the cached ones."""
+        """The teacher's logits for the batch's teacher view, or the cached ones."""
         if self.teacher_cache is not None:
             return self.teacher_cache.lookup(batch)
-        return self.teacher(batch.get("teacher_image", batch["image"]))
+        return self.teacher(teacher_view(batch))
 
     def train(self, mode: bool = True):
         super().train(mode)

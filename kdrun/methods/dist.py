@@ -9,13 +9,14 @@ batch for each class (intra-class relation), each times T^2; beta = gamma = 2, T
 
 import torch.nn.functional as F
 
+from kdrun.data import BatchSpec
 from kdrun.losses import dist_loss, standardize
-from kdrun.methods.base import Method
+from kdrun.methods.base import Method, accuracy
 
 
 class DIST(Method):
     needs_teacher = True
-    teacher_cacheable = True
+    batch_spec = BatchSpec(cacheable=True)
 
     def __init__(self, student, teacher, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0,
                  ce_weight: float = 1.0, logit_standardization: bool = False):
@@ -29,4 +30,4 @@ class DIST(Method):
         s, t = (standardize(logits), standardize(t_logits)) if self.logit_standardization else (logits, t_logits)
         losses = {"ce": self.ce_weight * F.cross_entropy(logits, batch["label"]),
                   "dist": dist_loss(s, t, self.beta, self.gamma, self.temperature)}
-        return losses, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+        return losses, {"acc": accuracy(logits, batch["label"])}

@@ -8,13 +8,14 @@ setting (beta 2 for resnet56/110 teachers, 6 for vgg13 and wrn_40_2: method=crd/
 
 import torch.nn.functional as F
 
+from kdrun.data import BatchSpec
 from kdrun.losses import dkd_loss, standardize
-from kdrun.methods.base import Method
+from kdrun.methods.base import Method, accuracy
 
 
 class DKD(Method):
     needs_teacher = True
-    teacher_cacheable = True
+    batch_spec = BatchSpec(cacheable=True)
 
     def __init__(self, student, teacher, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
                  warmup_epochs: float = 20, ce_weight: float = 1.0, logit_standardization: bool = False):
@@ -24,9 +25,9 @@ class DKD(Method):
         self.logit_standardization = logit_standardization
         self.epoch = 0
 
-    def step(self, batch, engine):
-        self.epoch = engine.epoch
-        return super().step(batch, engine)
+    def step(self, batch, loop):
+        self.epoch = loop.epoch
+        return super().step(batch, loop)
 
     def training_step(self, batch):
         logits = self.student(batch["image"])
@@ -35,4 +36,4 @@ class DKD(Method):
         ramp = min((self.epoch + 1) / self.warmup_epochs, 1.0)  # epochs counted from 1, as in mdistiller
         losses = {"ce": self.ce_weight * F.cross_entropy(logits, batch["label"]),
                   "dkd": ramp * dkd_loss(s, t, batch["label"], self.alpha, self.beta, self.temperature)}
-        return losses, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+        return losses, {"acc": accuracy(logits, batch["label"])}

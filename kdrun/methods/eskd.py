@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.errors import KdrunError
-from kdrun.methods.base import Stage
+from kdrun.methods.base import Stage, accuracy
 from kdrun.methods.kd import KD
 
 
@@ -32,7 +32,7 @@ class ESKD(KD):
                   Stage("ce", epochs - stop, fresh_optimizer=False, info={"distil": False})]
         return [s for s in stages if s.epochs]
 
-    def on_stage_start(self, stage):
+    def on_stage_start(self, stage, loop):
         self._distil(stage.info["distil"])
 
     def _distil(self, on: bool) -> None:
@@ -45,5 +45,5 @@ class ESKD(KD):
         else:  # cross-entropy alone, and no teacher forward
             logits = self.student(batch["image"])
             losses = {"ce": F.cross_entropy(logits, batch["label"])}
-            metrics = {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+            metrics = {"acc": accuracy(logits, batch["label"])}
         return losses, {**metrics, "kd_weight": self._kd_weight}

@@ -19,7 +19,7 @@ from torch import nn
 from kdrun import features
 from kdrun.errors import KdrunError
 from kdrun.losses import kd_loss
-from kdrun.methods.base import Method
+from kdrun.methods.base import Method, accuracy, teacher_view
 
 log = logging.getLogger(__name__)
 
@@ -109,35 +109,32 @@ class FeatureMethod(Method):
     # ---- training -------------------------------------------------------------------------------
     stage = "train"  # "init" / "hint": a feature-only stage before the task; "task": the task after it
 
-    def on_stage_start(self, stage):
+    def on_stage_start(self, stage, loop):
         self.stage = stage.name
 
-    def step(self, batch, engine):
-        self.epoch = engine.epoch  # completed epochs, for warm-ups and annealing
-        return super().step(batch, engine)
+    def step(self, batch, loop):
+        self.epoch = loop.epoch  # completed epochs, for warm-ups and annealing
+        return super().step(batch, loop)
 
     @torch.no_grad()
-    def teacher_outputs(self, batch):
+    def teacher_features(self, batch):
         """The teacher's logits and its features, captured by the hooks, for the batch's teacher view."""
-        return self.t_hooks(batch.get("teacher_image", batch["image"]))
+        return self.t_hooks(teacher_view(batch))
 
     def training_step(self, batch):
         if self.stage == "task":
             return self.logits_step(batch)
         logits, s_feats = self.s_hooks(batch["image"])
-        t_logits, t_feats = self.teacher_outputs(batch)
+        t_logits, t_feats = self.teacher_features(batch)
         losses = {} if self.stage in ("init", "hint") else self.logit_losses(logits, t_logits, batch)
         losses.update(self.distill(s_feats, t_feats, batch))
-        return losses, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+        return losses, {"acc": accuracy(logits, batch["label"])}
 
     def logits_step(self, batch):
         """CE (and KD when kd_weight > 0) without features: the task stage after a feature-only stage."""
         logits = self.student(batch["image"])
-        t_logits = None
-        if self.kd_weight:
-            with torch.no_grad():
-                t_logits = self.teacher(batch.get("teacher_image", batch["image"]))
-        return self.logit_losses(logits, t_logits, batch), {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+        t_logits = self.teacher_outputs(batch) if self.kd_weight else None
+        return self.logit_losses(logits, t_logits, batch), {"acc": accuracy(logits, batch["label"])}
 
     def logit_losses(self, logits, t_logits, batch) -> dict[str, torch.Tensor]:
         """ce_weight * CE(student, label) and, when kd_weight > 0, kd_weight * Hinton KD at `temperature`."""

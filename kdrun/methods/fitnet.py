@@ -14,7 +14,7 @@ from torch import nn
 from kdrun import features
 from kdrun.errors import KdrunError
 from kdrun.losses import hint_loss, kd_loss
-from kdrun.methods.base import Stage
+from kdrun.methods.base import Stage, accuracy
 from kdrun.methods.feature import FeatureMethod
 
 
@@ -72,9 +72,12 @@ class FitNet(FeatureMethod):
     def stages(self, epochs):
         if self.num_stages == 1:
             return [Stage("train", epochs)]
-        self.kd_epochs = epochs
         return [Stage("hint", self.hint_epochs, params=self.guided_params + list(self.regressor.parameters())),
                 Stage("kd", epochs, params=list(self.student.parameters()))]
+
+    def on_stage_start(self, stage, loop):
+        super().on_stage_start(stage, loop)
+        self.kd_epochs = stage.epochs  # lambda anneals over the KD stage
 
     def kd_lambda(self) -> float:
         """lambda of stage 2, linear in the epochs of that stage from lambda_start to lambda_end."""
@@ -85,11 +88,10 @@ class FitNet(FeatureMethod):
         if self.stage != "kd":
             return super().training_step(batch)
         logits = self.student(batch["image"])
-        with torch.no_grad():
-            t_logits = self.teacher(batch.get("teacher_image", batch["image"]))
+        t_logits = self.teacher_outputs(batch)
         soft = kd_loss(logits, t_logits, self.temperature) / self.temperature**2  # H(P_T^tau, P_S^tau) up to a constant
         losses = {"ce": torch.nn.functional.cross_entropy(logits, batch["label"]), "kd": self.kd_lambda() * soft}
-        return losses, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+        return losses, {"acc": accuracy(logits, batch["label"])}
 
     def distill(self, s_feats, t_feats, batch):
         return {"hint": self.weight * hint_loss(self.regressor(s_feats[0]), t_feats[0])}

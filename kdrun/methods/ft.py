@@ -61,8 +61,8 @@ class FT(FeatureMethod):
         return [Stage("paraphraser", self.init_epochs, params=list(self.paraphraser.parameters())),
                 Stage("train", epochs, params=list(self.student.parameters()) + list(self.translator.parameters()))]
 
-    def on_stage_start(self, stage):
-        super().on_stage_start(stage)
+    def on_stage_start(self, stage, loop):
+        super().on_stage_start(stage, loop)
         self.paraphraser.requires_grad_(stage.name == "paraphraser")
         self.train(self.training)
 
@@ -75,7 +75,7 @@ class FT(FeatureMethod):
     def training_step(self, batch):
         if self.stage != "paraphraser":
             return super().training_step(batch)
-        _, (t,) = self.teacher_outputs(batch)
+        _, (t,) = self.teacher_features(batch)
         return {"reconstruction": F.mse_loss(self.paraphraser(t), t)}, {}
 
     def distill(self, s_feats, t_feats, batch):

@@ -8,9 +8,10 @@ no labels. What the teacher sees is the point of the paper, `teacher_view`:
 - `consistent`: both see the very same augmented image;
 - `function_matching`: consistent, plus mixup between images with the same partners and coefficients for
   both networks (`mixup_alpha`); the paper's best, given long ("patient") schedules.
-The data side builds these views from the method's declaration (`teacher_input`, `mixup_alpha`).
+The data side builds these views from the method's declaration (its `batch_spec`).
 """
 
+from kdrun.data import BatchSpec
 from kdrun.errors import KdrunError
 from kdrun.losses import kd_loss
 from kdrun.methods.base import Method
@@ -20,7 +21,6 @@ TEACHER_INPUT = {"fixed": "clean", "independent": "independent", "consistent": "
 
 class FunMatch(Method):
     needs_teacher = True
-    teacher_cacheable = True
 
     def __init__(self, student, teacher, teacher_view: str = "function_matching", mixup_alpha: float = 1.0,
                  temperature: float = 1.0):
@@ -28,8 +28,8 @@ class FunMatch(Method):
         if teacher_view not in TEACHER_INPUT:
             raise KdrunError(f"unknown method.teacher_view '{teacher_view}'; use one of {', '.join(TEACHER_INPUT)}")
         self.teacher_view = teacher_view
-        self.teacher_input = TEACHER_INPUT[teacher_view]
-        self.mixup_alpha = mixup_alpha if teacher_view == "function_matching" else 0.0
+        self.batch_spec = BatchSpec(TEACHER_INPUT[teacher_view], mixup_alpha if teacher_view == "function_matching" else 0.0,
+                                    cacheable=True)
         self.temperature = temperature
 
     def training_step(self, batch):

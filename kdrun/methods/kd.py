@@ -9,13 +9,14 @@ Algorithm 1), whose CIFAR-100 setting is T = 2, alpha = 0.9 and kd_weight = 9.
 
 import torch.nn.functional as F
 
+from kdrun.data import BatchSpec
 from kdrun.losses import kd_loss, standardize
-from kdrun.methods.base import Method
+from kdrun.methods.base import Method, accuracy
 
 
 class KD(Method):
     needs_teacher = True
-    teacher_cacheable = True
+    batch_spec = BatchSpec(cacheable=True)
 
     def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.9, kd_weight: float | None = None,
                  logit_standardization: bool = False):
@@ -35,4 +36,4 @@ class KD(Method):
             else:
                 logits_s, logits_t = logits, teacher_logits
             losses["kd"] = self.soft_weight * kd_loss(logits_s, logits_t, self.temperature)
-        return losses, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+        return losses, {"acc": accuracy(logits, batch["label"])}

@@ -17,7 +17,7 @@ an unlabeled batch x_u (RandAugment-ed):
 Stages: "wait", the first `student_wait` of the epochs (rounded), where only the teacher learns (from the
 labeled data and UDA; the student's learning rate is 0, so h = 0); "mpl", where the student's own LR schedule
 (warm-up, decay) starts; "finetune", the student on labeled data alone at `finetune_lr_scale` times the
-schedule's rate. Two optimizers and LR schedules, both stepped through `engine.optimize` so AMP holds: the
+schedule's rate. Two optimizers and LR schedules, both stepped through `loop.optimize` so AMP holds: the
 engine's for the student, a stage at a time, and the method's own for the teacher, over "wait" and "mpl".
 """
 
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun.data import BatchSpec
 from kdrun.data.semi import Stream
-from kdrun.engine import evaluate
 from kdrun.errors import KdrunError
-from kdrun.methods.base import Method, Stage
+from kdrun.methods.base import Method, Stage, accuracy
 
 
 def feedback(labeled_grads, unlabeled_grads, lr: float) -> torch.Tensor:
@@ -53,8 +53,8 @@ class MPL(Method):
             if not 0 <= value < 1:
                 raise KdrunError(f"method.{name}={value}; give a fraction of the schedule's epochs in [0, 1)")
         teacher.requires_grad_(True)
-        self.unlabeled = Stream(unlabeled_ratio, dict(randaugment) if randaugment else None,
-                                weak_view=uda_weight > 0)
+        self.batch_spec = BatchSpec(unlabeled=Stream(unlabeled_ratio, dict(randaugment) if randaugment else None,
+                                                     weak_view=uda_weight > 0))
         self.label_smoothing = label_smoothing
         self.uda_weight, self.uda_temperature, self.uda_threshold = uda_weight, uda_temperature, uda_threshold
         self.uda_ramp, self.student_wait = uda_ramp, student_wait
@@ -73,21 +73,19 @@ class MPL(Method):
                   Stage("finetune", self.finetune_epochs, params=params, lr_scale=self.finetune_lr_scale)]
         return [s for s in stages if s.epochs]
 
-    def on_stage_start(self, stage):
+    def on_stage_start(self, stage, loop):
         self.phase = stage.name
         if stage.name != "finetune" and self.teacher_optimizer is None:  # one schedule over "wait" and "mpl"
             epochs = stage.info["teacher_epochs"]
-            self.uda_steps = round(self.uda_ramp * epochs * len(self.engine.train_loader))
-            self.teacher_optimizer, self.teacher_scheduler = self.engine.make_optimizer(
-                list(self.teacher.parameters()), epochs)
+            self.uda_steps = round(self.uda_ramp * epochs * loop.steps_per_epoch)
+            self.teacher_optimizer, self.teacher_scheduler = loop.make_optimizer(list(self.teacher.parameters()), epochs)
             if self._teacher_state is not None:
                 self.set_extra_state(self._teacher_state)
 
-    def on_stage_end(self, stage):
+    def on_stage_end(self, stage, loop):
         if stage.name == "mpl":
-            engine = self.engine
-            self.teacher_acc = evaluate(self.teacher, engine.test_loader, engine.autocast)["acc"]
-            engine.logger.log({"mpl/teacher_test_acc": self.teacher_acc}, engine.step)
+            self.teacher_acc = loop.evaluate(self.teacher, on="test")["acc"]
+            loop.log({"mpl/teacher_test_acc": self.teacher_acc})
 
     def summary(self):
         return {"mpl/teacher_test_acc": self.teacher_acc}
@@ -99,39 +97,38 @@ class MPL(Method):
     def training_step(self, batch):  # the fine-tuning stage: the student on labeled data
         logits = self.student(batch["image"])
         return ({"ce": F.cross_entropy(logits, batch["label"])},
-                {"acc": (logits.argmax(1) == batch["label"]).float().mean()})
+                {"acc": accuracy(logits, batch["label"])})
 
-    def step(self, batch, engine):
+    def step(self, batch, loop):
         if self.phase == "finetune":
-            return super().step(batch, engine)
+            return super().step(batch, loop)
         x, y, u = batch["image"], batch["label"], batch["unlabeled_image"]
         n, m = len(x), len(u)
         views = [x, u] + ([batch["unlabeled_weak_image"]] if self.uda_weight else [])
-        with engine.autocast():
+        with loop.autocast():
             t_logits = self.teacher(torch.cat(views))
             t_x, t_u = t_logits[:n], t_logits[n:n + m]
             teacher_losses = {"teacher_ce": F.cross_entropy(t_x, y, label_smoothing=self.label_smoothing)}
             if self.uda_weight:
-                teacher_losses["teacher_uda"] = self._uda(t_logits[n + m:].detach().float(), t_u.float(), engine.step)
+                teacher_losses["teacher_uda"] = self._uda(t_logits[n + m:].detach().float(), t_u.float(), loop.step)
         probs = F.softmax(t_u.detach().float(), dim=1)
         pseudo = torch.multinomial(probs, 1).squeeze(1) if self.pseudo_labels == "sample" else probs.argmax(1)
         losses, h = {}, torch.zeros((), device=x.device)  # "wait": the student does not learn yet
         if self.phase == "mpl":
-            losses["student"], h = self._student_step(engine, u, pseudo, x, y)
-            with engine.autocast():
+            losses["student"], h = self._student_step(loop, u, pseudo, x, y)
+            with loop.autocast():
                 teacher_losses["teacher_mpl"] = h * F.cross_entropy(t_u, pseudo)
-        engine.optimize(sum(teacher_losses.values()), optimizer=self.teacher_optimizer,
-                        scheduler=self.teacher_scheduler)
+        loop.optimize(sum(teacher_losses.values()), optimizer=self.teacher_optimizer, scheduler=self.teacher_scheduler)
         losses.update({k: v.detach() for k, v in teacher_losses.items()})
-        return losses, {"h": h, "teacher_acc": (t_x.argmax(1) == y).float().mean()}
+        return losses, {"h": h, "teacher_acc": accuracy(t_x, y)}
 
-    def _student_step(self, engine, u, pseudo, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def _student_step(self, loop, u, pseudo, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's step on the pseudo labels; its loss, and h (Eq. 12) from the gradients around it."""
         params = [p for p in self.student.parameters() if p.requires_grad]
-        with engine.autocast():
+        with loop.autocast():
             loss = F.cross_entropy(self.student(u), pseudo)
-        lr = engine.optimizer.param_groups[0]["lr"]  # eta_S of this step
-        engine.optimize(loss)  # theta_S -> theta'_S
+        lr = loop.lr  # eta_S of this step
+        loop.optimize(loss)  # theta_S -> theta'_S
         unlabeled_grads = [p.grad.detach().clone() if p.grad is not None else None for p in params]
         labeled_loss = F.cross_entropy(self.student(x).float(), y)  # in float32: the gradient enters h unscaled
         labeled_grads = torch.autograd.grad(labeled_loss, params, allow_unused=True)

@@ -6,49 +6,19 @@ loss = (1 - alpha) * CE + alpha * T^2 * KL(sum_m w_m softmax(z_m / T) || softmax
 cache then holds every member's logits per image.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from kdrun.data import BatchSpec
 from kdrun.errors import KdrunError
 from kdrun.losses import ensemble_kd_loss
-from kdrun.methods.base import Method
-
-
-class Ensemble(nn.Module):
-    """Several teachers as one module. `forward` gives the log of their averaged probabilities (usable as
-    logits: its softmax is the ensemble's prediction); `members` gives each teacher."""
-
-    def __init__(self, members: list[nn.Module], names: list[str]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.name = "+".join(names)
-
-    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, B, K): every member's logits."""
-        return torch.stack([m(x) for m in self.members])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.member_logits(x)
-        return torch.logsumexp(F.log_softmax(logits, dim=2), dim=0) - math.log(len(logits))
-
-
-class MemberLogits(nn.Module):
-    """(B, M, K): an ensemble's members' logits per image, what the teacher cache stores for it."""
-
-    def __init__(self, ensemble: Ensemble):
-        super().__init__()
-        self.ensemble = ensemble
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ensemble.member_logits(x).transpose(0, 1)
+from kdrun.methods.base import Method, accuracy, teacher_view
+from kdrun.models.ensemble import Ensemble, MemberLogits
 
 
 class MultiTeacher(Method):
     needs_teacher = True
-    teacher_cacheable = True
+    batch_spec = BatchSpec(cacheable=True)
 
     def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.9, weights=None):
         super().__init__(student, teacher)
@@ -74,7 +44,7 @@ class MultiTeacher(Method):
         """(M, B, K): each teacher's logits for the batch's teacher view (or the cached ones)."""
         if self.teacher_cache is not None:
             return self.teacher_cache.lookup(batch).transpose(0, 1)
-        return self.teacher.member_logits(batch.get("teacher_image", batch["image"]))
+        return self.teacher.member_logits(teacher_view(batch))
 
     def training_step(self, batch):
         logits = self.student(batch["image"])
@@ -82,4 +52,4 @@ class MultiTeacher(Method):
         if self.alpha:
             soft = ensemble_kd_loss(logits, self.teacher_outputs(batch), self.temperature, self.mix)
             losses["kd"] = self.alpha * soft
-        return losses, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+        return losses, {"acc": accuracy(logits, batch["label"])}

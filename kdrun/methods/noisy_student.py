@@ -14,20 +14,17 @@ import copy
 
 import torch
 
-from kdrun import checkpoint
-from kdrun.engine import evaluate
 from kdrun.errors import KdrunError
 from kdrun.methods.base import Stage
 from kdrun.methods.pseudo_label import PseudoLabel
 
 
 class NoisyStudent(PseudoLabel):
-    noise_labeled = True  # the student is noised on all its images
-
     def __init__(self, student, teacher, iterations: int = 3, hard: bool = False, threshold: float = 0.3,
                  balance: bool = True, per_class: int | None = None, unlabeled_weight: float = 1.0,
                  unlabeled_ratio: float = 3.0, randaugment: dict | None = None):
-        super().__init__(student, teacher, hard, threshold, unlabeled_weight, unlabeled_ratio, randaugment)
+        super().__init__(student, teacher, hard, threshold, unlabeled_weight, unlabeled_ratio, randaugment,
+                         noise_labeled=True)  # the student is noised on all its images
         if iterations < 1:
             raise KdrunError(f"method.iterations={iterations}; give at least 1")
         self.iterations = iterations
@@ -43,24 +40,21 @@ class NoisyStudent(PseudoLabel):
         return [Stage(f"iteration{k}", epochs, params=list(self.student.parameters()), info={"iteration": k})
                 for k in range(1, self.iterations + 1)]
 
-    def on_stage_start(self, stage):
+    def on_stage_start(self, stage, loop):
         k = stage.info["iteration"]
         if k > int(self.iteration):  # a new iteration (not one resumed): the student becomes the teacher
             if k > 1:
                 self.previous.load_state_dict(self.student.state_dict())
                 self.student.load_state_dict(self.initial)
             self.iteration.fill_(k)
-        super().on_stage_start(stage)
+        super().on_stage_start(stage, loop)
 
-    def on_stage_end(self, stage):
-        k, engine = stage.info["iteration"], self.engine
-        acc = evaluate(self.student, engine.test_loader, engine.autocast)["acc"]
+    def on_stage_end(self, stage, loop):
+        k = stage.info["iteration"]
+        acc = loop.evaluate(self.student, on="test")["acc"]
         self.history[f"iteration{k}/student_acc"] = acc
-        engine.logger.log({"noisy_student/iteration": k, "noisy_student/student_acc": acc}, engine.step)
-        if engine.run_dir is not None:
-            checkpoint.save({"model": self.student.state_dict(), **engine.checkpoint_meta, "iteration": k,
-                             "step": engine.step, "test_acc": acc},
-                            engine.run_dir / "checkpoints" / f"iteration{k}.pt")
+        loop.log({"noisy_student/iteration": k, "noisy_student/student_acc": acc})
+        loop.save(f"iteration{k}", self.student, iteration=k, test_acc=acc)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -70,13 +64,13 @@ class NoisyStudent(PseudoLabel):
     def labeler(self):
         return self.teacher if int(self.iteration) <= 1 else self.previous
 
-    def make_labels(self, engine):
+    def make_labels(self, loop):
         k = int(self.iteration)
-        acc = evaluate(self.labeler(), engine.test_loader, engine.autocast)["acc"]
+        acc = loop.evaluate(self.labeler(), on="test")["acc"]
         self.history[f"iteration{k}/teacher_acc"] = acc
-        stats = super().make_labels(engine)
+        stats = super().make_labels(loop)
         self.history.update({f"iteration{k}/{name}": v for name, v in stats.items()})
-        engine.logger.log({"noisy_student/iteration": k, "noisy_student/teacher_acc": acc}, engine.step)
+        loop.log({"noisy_student/iteration": k, "noisy_student/teacher_acc": acc})
         return stats
 
     def select(self, probs):

@@ -16,30 +16,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun.data import BatchSpec
 from kdrun.data.semi import Stream
 from kdrun.errors import KdrunError
-from kdrun.methods.base import Method
+from kdrun.methods.base import Method, accuracy
 
 log = logging.getLogger(__name__)
 
 
 class PseudoLabel(Method):
     needs_teacher = True
-    noise_labeled = False  # RandAugment on the student's labeled images too (Noisy Student)
 
     def __init__(self, student, teacher, hard: bool = True, threshold: float = 0.0, unlabeled_weight: float = 1.0,
-                 unlabeled_ratio: float = 7.0, randaugment: dict | None = None):
+                 unlabeled_ratio: float = 7.0, randaugment: dict | None = None, noise_labeled: bool = False):
+        """`noise_labeled`: RandAugment on the student's labeled images too (Noisy Student's noised student)."""
         super().__init__(student, teacher)
         if not 0 <= threshold < 1:
             raise KdrunError(f"method.threshold={threshold}; give a confidence in [0, 1)")
         self.hard = hard
         self.threshold = threshold
         self.unlabeled_weight = unlabeled_weight
-        self.unlabeled = Stream(unlabeled_ratio, dict(randaugment) if randaugment else None, self.noise_labeled)
+        self.batch_spec = BatchSpec(unlabeled=Stream(unlabeled_ratio, dict(randaugment) if randaugment else None,
+                                                     noise_labeled))
         self.targets: torch.Tensor | None = None  # (N_u, C) pseudo labels, made at a stage's first step
         self.weights: torch.Tensor | None = None  # (N_u,) w_i / mean_j w_j
 
-    def on_stage_start(self, stage):
+    def on_stage_start(self, stage, loop):
         self.targets = None  # labelled lazily, after a resume has restored the teacher
 
     def labeler(self) -> nn.Module:
@@ -55,16 +57,19 @@ class PseudoLabel(Method):
         return (probs.max(1).values >= self.threshold).float()
 
     @torch.no_grad()
-    def make_labels(self, engine) -> dict:
+    def make_labels(self, loop) -> dict:
         """Label the whole unlabeled set with `labeler()`, un-noised; returns the labelling's statistics."""
         model = self.labeler()
         was_training = model.training
         model.eval()
-        loader = engine.train_loader
-        with engine.autocast():
-            probs = torch.cat([self.predict(model, b["image"]) for b in loader.unlabeled_batches(
-                engine.trainer.get("eval_batch_size", 1000))])
+        probs, true = [], []  # true: the hidden labels, for the diagnostics below only
+        with loop.autocast():
+            for batch in loop.batches("unlabeled"):
+                probs.append(self.predict(model, batch["image"]))
+                true.append(batch["label"])
         model.train(was_training)
+        probs = torch.cat(probs)
+        true = torch.cat(true).to(probs.device)
         weights = self.select(probs)
         if not weights.sum() > 0:
             raise KdrunError(f"no unlabeled image reaches method.threshold={self.threshold} (the teacher's highest "
@@ -73,19 +78,18 @@ class PseudoLabel(Method):
         self.targets = F.one_hot(predicted, probs.shape[1]).float() if self.hard else probs
         self.weights = weights / weights.mean()
         kept = weights > 0
-        true = loader.labels.to(predicted.device)  # the hidden labels, for this diagnostic only
         stats = {"pseudo/acc": (predicted == true).float().mean().item(),
                  "pseudo/kept": kept.float().mean().item(),
                  "pseudo/acc_kept": (predicted[kept] == true[kept]).float().mean().item()}
-        engine.logger.log(stats, engine.step)
+        loop.log(stats)
         log.info("pseudo labels: %d unlabeled images, %.1f%% kept, accuracy %.4f (kept: %.4f)", len(probs),
                  100 * stats["pseudo/kept"], stats["pseudo/acc"], stats["pseudo/acc_kept"])
         return stats
 
-    def step(self, batch, engine):
+    def step(self, batch, loop):
         if self.targets is None:
-            self.make_labels(engine)
-        return super().step(batch, engine)
+            self.make_labels(loop)
+        return super().step(batch, loop)
 
     def training_step(self, batch):
         x, u = batch["image"], batch["unlabeled_image"]
@@ -95,4 +99,4 @@ class PseudoLabel(Method):
         per_image = -(self.targets[index] * F.log_softmax(logits_u.float(), dim=1)).sum(1)
         losses = {"ce": F.cross_entropy(logits_x, batch["label"]),
                   "pseudo": self.unlabeled_weight * (self.weights[index] * per_image).mean()}
-        return losses, {"acc": (logits_x.argmax(1) == batch["label"]).float().mean()}
+        return losses, {"acc": accuracy(logits_x, batch["label"])}

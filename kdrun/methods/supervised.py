@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from kdrun.methods.base import Method
+from kdrun.methods.base import Method, accuracy
 
 
 class Supervised(Method):
@@ -13,4 +13,4 @@ class Supervised(Method):
     def training_step(self, batch):
         logits = self.student(batch["image"])
         ce = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
-        return {"ce": ce}, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+        return {"ce": ce}, {"acc": accuracy(logits, batch["label"])}

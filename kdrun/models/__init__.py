@@ -12,6 +12,7 @@ import inspect
 from typing import Any, Callable
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from kdrun.errors import KdrunError
@@ -48,6 +49,22 @@ _TORCHVISION_PREFIX = "torchvision:"
 def list_models() -> list[str]:
     """The names of kdrun's own nets."""
     return list(_REGISTRY)
+
+
+def build(cfg, data) -> nn.Module:
+    """A model preset (the `teacher` or `student` config group) at the classes and channels of `data`
+    (a `kdrun.data.Data`)."""
+    kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True)
+    for key in ("drop_rate", "drop_path_rate"):  # a noised student; kdrun's own nets call dropout `dropout`
+        if cfg.get(key):
+            kwargs["dropout" if key == "drop_rate" and cfg.name in _REGISTRY else key] = cfg[key]
+    return create(cfg.name, data.num_classes, in_chans=data.in_chans, pretrained=cfg.get("pretrained", False), **kwargs)
+
+
+def arch(cfg, data) -> dict:
+    """What a checkpoint records of a model preset's model, to rebuild it and to explain a mismatch."""
+    return {"name": cfg.name, "kwargs": OmegaConf.to_container(cfg.kwargs, resolve=True), "dataset": data.name,
+            "num_classes": data.num_classes, "in_chans": data.in_chans}
 
 
 def create(name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False, **kwargs: Any) -> nn.Module:
