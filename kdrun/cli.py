@@ -12,8 +12,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 @hydra.main(version_base="1.3", config_path="pkg://kdrun.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """One job. In a sweep, a failing job is recorded (its run dir's error.txt, the sweep summary) and
-    returns NaN, so the sweep goes on and an Optuna search marks the trial failed."""
+    """One job; returns its validation accuracy when it holds validation images out, else its test accuracy
+    (what a sweeper maximises: an Optuna search must have a validation split). In a sweep, a failing job is
+    recorded (its run dir's error.txt, the sweep summary) and returns NaN, so the sweep goes on and an Optuna
+    search marks the trial failed."""
     from kdrun.engine import Interrupted  # heavy imports after Hydra has handled --help / --cfg
     from kdrun.errors import KdrunError
     from kdrun.run import format_summary, run
@@ -23,6 +25,9 @@ def main(cfg: DictConfig) -> float | None:
     sweep = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     try:
+        if "optuna" in str(hc.sweeper.get("_target_", "")).lower() and cfg.dataset.get("val_size") is None:
+            raise KdrunError("an Optuna search chooses by the jobs' validation accuracy, and the test set must not "
+                             "choose; hold validation images out with dataset.val_size=N (or a fraction such as 0.1)")
         if cfg.resume and not (run_dir / "checkpoints" / "last.pt").is_file():
             run_dir = _unfinished_run(cfg, hc)
         _name_wandb_run(cfg, hc, sweep)
@@ -44,7 +49,7 @@ def main(cfg: DictConfig) -> float | None:
     if summary is None:  # a rank other than 0 under torchrun
         return None
     print(format_summary(summary, run_dir))
-    return summary["test/acc"]
+    return summary.get("val/acc", summary["test/acc"])
 
 
 def _unfinished_run(cfg: DictConfig, hc) -> Path:

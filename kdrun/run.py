@@ -108,8 +108,9 @@ def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.
     main = rank == 0
     last = run_dir / "checkpoints" / "last.pt"
     logger = RunLogger(run_dir, cfg.logger, plain_config(cfg)) if main else RunLogger(None)
-    if main and data.labeled_split is not None:
-        data.labeled_split.save(run_dir / "split.json")
+    split = data.split_record()
+    if main and split is not None:  # the validation and labeled/unlabeled positions
+        (run_dir / "split.json").write_text(json.dumps(split) + "\n")
     try:
         setup_s = time.perf_counter() - start
         summary = engine.train(method, job.loaders, cfg.schedule, cfg.trainer, run_dir=run_dir if main else None,

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "overrides", "status", "test/acc", "test/acc_best", "wall_s", "run_dir", "error"]
+COLUMNS = ["job", "overrides", "status", "val/acc", "test/acc", "test/acc_best", "wall_s", "run_dir", "error"]
 
 
 def record_failure(run_dir: str | Path, error: BaseException, user_error: bool) -> str:
@@ -33,7 +33,7 @@ def job_row(run_dir: Path, sweep_dir: Path) -> dict:
     row = {"job": hydra.job.num, "overrides": " ".join(hydra.overrides.task), "run_dir": str(run_dir.relative_to(sweep_dir))}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
-        row.update(status="ok", **{k: summary.get(k) for k in ("test/acc", "test/acc_best", "wall_s")})
+        row.update(status="ok", **{k: summary.get(k) for k in ("val/acc", "test/acc", "test/acc_best", "wall_s")})
     elif (run_dir / "error.txt").is_file():
         row.update(status="failed", error=(run_dir / "error.txt").read_text().strip().splitlines()[-1])
     else:

@@ -33,6 +33,7 @@ def cache_key(cfg: DictConfig) -> str:
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in ("root", "download")}
     dataset["source"] = {k: v for k, v in dataset["source"].items() if k not in ("root", "download")}
     split = {k: dataset.pop(k, None) for k in ("labeled_per_class", "labeled_fraction", "split_seed")}
+    val_size = dataset.pop("val_size", None)
     schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
     schedule["epochs"] = cfg.teacher.epochs
     what = {
@@ -42,6 +43,8 @@ def cache_key(cfg: DictConfig) -> str:
     }
     if split["labeled_per_class"] is not None or split["labeled_fraction"] is not None:
         what["split"] = split  # trained on the labeled part only
+    if val_size is not None:
+        what["val"] = {"val_size": val_size, "split_seed": split["split_seed"]}  # and not on the validation images
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 

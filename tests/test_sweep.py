@@ -70,7 +70,7 @@ def test_make_table_of_a_real_sweep(sweep, tmp_path):
     sweep_dir, _ = sweep
     ref = tmp_path / "ref.yaml"
     ref.write_text("kd:\n  mlp/mlp: 50.0\n")
-    proc = script("make_table.py", sweep_dir, "--rows", "method", "--cols", "teacher,student.name", "--protocol", "best",
+    proc = script("make_table.py", sweep_dir, "--rows", "method", "--cols", "teacher,student.name", "--protocol", "best-test",
                   "--reference", ref, "--teacher-row")
     assert proc.returncode == 0, proc.stderr
     assert "left out 4 run dir(s)" in proc.stderr
@@ -133,14 +133,14 @@ def test_joblib_launcher_runs_jobs_side_by_side(tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_search_maximises_test_acc(tmp_path):
+def test_optuna_search_maximises_validation_accuracy(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     proc = kdrun("hparams_search=kd_optuna", "hydra.sweeper.n_trials=2", "student=mlp", "hydra.sweep.dir=s",
                  cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = summary_rows(tmp_path / "s")
     best = OmegaConf.load(tmp_path / "s" / "optimization_results.yaml")
-    assert len(rows) == 2 and best.best_value == max(float(r["test/acc"]) for r in rows)
+    assert len(rows) == 2 and best.best_value == max(float(r["val/acc"]) for r in rows)
     assert {"method.temperature", "method.alpha", "schedule.optimizer.lr"} == set(best.best_params)
 
 

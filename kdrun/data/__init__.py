@@ -4,10 +4,11 @@ stage draws and reports on (`Selection`, `EvalSet`), and the loader factory the 
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import Dataset
 
 from kdrun.data import semi
 from kdrun.data.loaders import BatchAugment, FolderLoader, Normalize, TensorLoader, Views
@@ -29,6 +30,8 @@ class Data:
     mean: list[float]
     std: list[float]
     augment: dict
+    val: InMemory | Dataset | None = None  # images held out of the training set for model selection (dataset.val_size)
+    val_index: torch.Tensor | None = None  # their positions in the source's training set
     labeled_split: LabeledSplit | None = None  # when dataset.labeled_* asks for one; `splits.train` is the labeled part
 
     @property
@@ -44,15 +47,33 @@ class Data:
         return self.splits.image_size
 
     def part(self, name: str):
-        """A split by name: `train` (the labeled part, when there is a labeled split), `test`, `unlabeled`."""
+        """A split by name: `train` (the labeled part, when there is a labeled split), `val`, `test`, `unlabeled`."""
         if name == "unlabeled":
             if self.labeled_split is None:
                 raise KdrunError("this run asks for the unlabeled images, but the training set is not split; "
                                  "split it with dataset.labeled_per_class=N (or dataset.labeled_fraction=F)")
             return self.labeled_split.unlabeled
+        if name == "val":
+            if self.val is None:
+                raise KdrunError("this run asks for validation images, but none are held out; "
+                                 "set dataset.val_size=N (images) or a fraction such as 0.1")
+            return self.val
         if name not in ("train", "test"):
-            raise KdrunError(f"unknown data split '{name}'; use train, test or unlabeled")
+            raise KdrunError(f"unknown data split '{name}'; use train, val, test or unlabeled")
         return getattr(self.splits, name)
+
+    def evaluation_sets(self) -> tuple["EvalSet", ...]:
+        """What a stage reports unless it names its own sets: `val` (when held out), then `test`."""
+        return (VAL, TEST) if self.val is not None else (TEST,)
+
+    def split_record(self) -> dict | None:
+        """How the training set was split (validation, labeled/unlabeled), as plain data for split.json."""
+        record = {}
+        if self.val is not None:
+            record.update(num_val=len(self.val_index), val_index=self.val_index.tolist())
+        if self.labeled_split is not None:
+            record.update(self.labeled_split.record())
+        return record or None
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,7 @@ class EvalSet:
 
 
 TEST = EvalSet("test")
+VAL = EvalSet("val", "val")
 
 
 def build(cfg: DictConfig) -> Data:
@@ -110,7 +132,24 @@ def build(cfg: DictConfig) -> Data:
     std = list(cfg.std) if cfg.get("std") else [0.5] * splits.in_chans
     if len(mean) != splits.in_chans:  # a grey-scale dataset read as RGB, or the reverse
         mean, std = [sum(mean) / len(mean)] * splits.in_chans, [sum(std) / len(std)] * splits.in_chans
-    return semi.split(Data(cfg.name, splits, mean, std, dict(cfg.get("augment") or {})), cfg)
+    return semi.split(hold_out(Data(cfg.name, splits, mean, std, dict(cfg.get("augment") or {})), cfg), cfg)
+
+
+def hold_out(data: Data, cfg: DictConfig) -> Data:
+    """`data` less the validation images `cfg.val_size` asks for (a count, or a fraction of the training set),
+    drawn per class with `cfg.split_seed`; they become `data.val`."""
+    size = cfg.get("val_size")
+    if size is None:
+        return data
+    train = data.splits.train
+    n = len(train)
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not (0 < size < 1 or 1 <= size < n and size == int(size)):
+        raise KdrunError(f"dataset.val_size={size}; give a number of images (1 to {n - 1}) or a fraction between 0 and 1")
+    fraction = size if size < 1 else size / n
+    val, rest = semi.stratified(labels_of(train), fraction, int(cfg.get("split_seed") or 0),
+                                f"dataset.val_size={size}", kept="for training")
+    return replace(data, splits=replace(data.splits, train=semi.part(train, rest)), val=semi.part(train, val),
+                   val_index=val)
 
 
 def train_augment(data: Data) -> BatchAugment:

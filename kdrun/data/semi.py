@@ -14,9 +14,7 @@ unlabeled `Stream` also get, per step, `unlabeled_ratio` x batch_size unlabeled 
 An epoch stays one pass over the labeled images; the unlabeled stream runs on across epochs.
 """
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -28,6 +26,27 @@ from kdrun.errors import KdrunError
 
 # ---- the split ---------------------------------------------------------------------------------------
 
+def stratified(labels: torch.Tensor, fraction: float, seed: int, asked: str, kept: str = "unlabeled",
+               per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stratified, seeded split of positions 0..len(labels)-1: (chosen, rest), each sorted; of every class,
+    `per_class` images or `fraction` of them (at least one) are chosen, and at least one is left. `asked` names
+    the setting and `kept` the rest, for the error when a class would be left empty."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).squeeze(1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        n = per_class if per_class is not None else max(1, round(fraction * len(members)))
+        if n >= len(members):
+            raise KdrunError(f"{asked} takes all {len(members)} training images of class {c} and leaves none "
+                             f"{kept}; take at most {len(members) - 1} per class")
+        chosen.append(members[:n])
+    chosen = torch.cat(chosen).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[chosen] = False
+    return chosen, torch.nonzero(mask).squeeze(1)
+
+
 def split_indices(labels: torch.Tensor, labeled_per_class: int | None = None, labeled_fraction: float | None = None,
                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified, seeded split of positions 0..len(labels)-1: (labeled, unlabeled), each sorted."""
@@ -37,39 +56,24 @@ def split_indices(labels: torch.Tensor, labeled_per_class: int | None = None, la
         raise KdrunError(f"dataset.labeled_fraction={labeled_fraction}; give a fraction between 0 and 1")
     if labeled_per_class is not None and labeled_per_class < 1:
         raise KdrunError(f"dataset.labeled_per_class={labeled_per_class}; give at least 1")
-    generator = torch.Generator().manual_seed(seed)
-    labeled = []
-    for c in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == c).squeeze(1)
-        members = members[torch.randperm(len(members), generator=generator)]
-        n = labeled_per_class if labeled_per_class is not None else max(1, round(labeled_fraction * len(members)))
-        if n >= len(members):
-            asked = (f"dataset.labeled_per_class={n}" if labeled_per_class is not None
-                     else f"dataset.labeled_fraction={labeled_fraction}")
-            raise KdrunError(f"{asked} labels all {len(members)} training images of class {c} and leaves none "
-                             f"unlabeled; label at most {len(members) - 1} per class")
-        labeled.append(members[:n])
-    labeled = torch.cat(labeled).sort().values
-    mask = torch.ones(len(labels), dtype=torch.bool)
-    mask[labeled] = False
-    return labeled, torch.nonzero(mask).squeeze(1)
+    asked = (f"dataset.labeled_per_class={labeled_per_class}" if labeled_per_class is not None
+             else f"dataset.labeled_fraction={labeled_fraction}")
+    return stratified(labels, labeled_fraction, seed, asked, per_class=labeled_per_class)
 
 
 @dataclass
 class LabeledSplit:
     """The labeled/unlabeled split of a training set; `unlabeled` keeps its labels for diagnostics only."""
 
-    labeled_index: torch.Tensor  # positions in the training set; the unlabeled part is the rest, in order
+    labeled_index: torch.Tensor  # positions in the training set (less any validation images); the rest is unlabeled
     unlabeled: InMemory | Dataset
     config: dict
 
-    def save(self, path: str | Path) -> None:
-        """Record the split (its settings and the labeled positions; the unlabeled are the rest) as JSON."""
+    def record(self) -> dict:
+        """The split as plain data: its settings and the labeled positions (the unlabeled are the rest)."""
         labels = labels_of(self.unlabeled)
-        record = {**self.config, "num_labeled": len(self.labeled_index), "num_unlabeled": len(labels),
-                  "unlabeled_per_class": torch.bincount(labels).tolist(),
-                  "labeled_index": self.labeled_index.tolist()}
-        Path(path).write_text(json.dumps(record) + "\n")
+        return {**self.config, "num_labeled": len(self.labeled_index), "num_unlabeled": len(labels),
+                "unlabeled_per_class": torch.bincount(labels).tolist(), "labeled_index": self.labeled_index.tolist()}
 
 
 def labels_of(part: InMemory | Dataset) -> torch.Tensor:
@@ -81,7 +85,8 @@ def labels_of(part: InMemory | Dataset) -> torch.Tensor:
     return torch.as_tensor(part.targets)
 
 
-def _part(train: InMemory | Dataset, index: torch.Tensor) -> InMemory | Dataset:
+def part(train: InMemory | Dataset, index: torch.Tensor) -> InMemory | Dataset:
+    """The images of `train` at positions `index`."""
     if isinstance(train, InMemory):
         return InMemory(train.images[index], train.labels[index])
     return Subset(train, index.tolist())
@@ -97,8 +102,8 @@ def split(data, cfg):
     seed = int(cfg.get("split_seed") or 0)
     labeled, unlabeled = split_indices(labels_of(train), per_class, fraction, seed)
     config = {"labeled_per_class": per_class, "labeled_fraction": fraction, "split_seed": seed}
-    splits = replace(data.splits, train=_part(train, labeled))
-    return replace(data, splits=splits, labeled_split=LabeledSplit(labeled, _part(train, unlabeled), config))
+    splits = replace(data.splits, train=part(train, labeled))
+    return replace(data, splits=splits, labeled_split=LabeledSplit(labeled, part(train, unlabeled), config))
 
 
 # ---- RandAugment -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kdrun.data import TEST, BatchSpec, EvalSet, Selection
+from kdrun.data import BatchSpec, EvalSet, Selection
 
 
 @dataclass
@@ -25,7 +25,8 @@ class Stage:
     continues the previous stage's optimizer and schedule (the schedule then spans both).
     `lr_scale`: a fresh optimizer's learning rate is the schedule's times this (e.g. a gentle fine-tuning).
     `data`: the training images it draws (None: the run's whole training set).
-    `evaluate`: the named evaluation sets reported after its epochs (`<name>/acc`, `<name>/loss`).
+    `evaluate`: the named evaluation sets reported after its epochs (`<name>/acc`, `<name>/loss`); None: the
+    run's own (`val` when the run holds validation images out, then `test`).
     """
 
     name: str
@@ -34,7 +35,7 @@ class Stage:
     fresh_optimizer: bool = True
     lr_scale: float = 1.0
     data: Selection | None = None
-    evaluate: tuple[EvalSet, ...] = (TEST,)
+    evaluate: tuple[EvalSet, ...] | None = None
     info: dict = field(default_factory=dict)
 
 
