@@ -240,17 +240,20 @@ class Engine:
                     log.info("%s: stage %d/%d '%s' (%d epochs)", self.desc, i + 1, len(stages), stage.name, stage.epochs)
                 while self.epoch < sum(s.epochs for s in stages[:i + 1]) and not self._done():
                     t0 = time.perf_counter()
-                    p["samples"] += self._train_epoch(stage, i)
-                    p["train_time"] += time.perf_counter() - t0
+                    samples, means = self._train_epoch(stage, i)
+                    seconds = time.perf_counter() - t0
+                    p["samples"] += samples
+                    p["train_time"] += seconds
                     self.epoch += 1
                     self.loader_state, self.batch_in_epoch = _loader_state(self.train_loader), 0
-                    last_epoch = self.epoch == total_epochs or self._done()
+                    last_epoch, result = self.epoch == total_epochs or self._done(), None
                     snapshot = self.epoch in self.snapshot_epochs
                     if last_epoch or snapshot or self.epoch % self.trainer.get("eval_every", 1) == 0:
                         p["result"] = result = self._evaluate(stage)
                         self.log({"epoch": self.epoch, **result})
                         if self._is_best(result):
                             self.save("best", test_acc=result.get("test/acc"), val_acc=result.get("val/acc"))
+                    self._log_epoch(total_epochs, means, result or {}, samples / seconds)
                     self._save_last()
                     if snapshot:
                         self.save(f"epoch_{self.epoch}", test_acc=p["result"].get("test/acc"))
@@ -297,13 +300,25 @@ class Engine:
         sets = stage.evaluate if stage.evaluate is not None else self.loaders.data.evaluation_sets()
         return {f"{s.name}/{k}": v for s in sets for k, v in self.evaluate(model, s).items()}
 
-    def _train_epoch(self, stage: Stage, stage_index: int) -> int:
+    def _log_epoch(self, total: int, means: dict[str, float], result: dict, samples_per_s: float) -> None:
+        """One console (and job log) line per epoch: the losses, the evaluation, the LR, the speed, the time."""
+        terms = [f"{k[6:]} {v:.4f}" for k, v in means.items() if k != "train/loss"]
+        losses = f" ({' '.join(terms)})" if len(terms) > 1 else ""
+        evaluation = "".join(f"  {k} {v:.4f}" for k, v in result.items() if k.endswith("/acc"))
+        log.info("%s epoch %d/%d  loss %.4f%s%s  lr %.3g  %.0f samples/s  %.0f s", self.desc, self.epoch, total,
+                 means.get("train/loss", math.nan), losses, evaluation,
+                 self.optimizer.param_groups[0]["lr"], samples_per_s, time.perf_counter() - self.fit_start)
+
+    def _train_epoch(self, stage: Stage, stage_index: int) -> tuple[int, dict[str, float]]:
+        """Train one epoch; the samples trained on and the epoch's mean losses (train/<name>)."""
         method = self.method
         method.train()
         log_every = self.trainer.get("log_every", 50)
         window: list[dict[str, torch.Tensor]] = []  # each step's losses and metrics since the last row
-        loss_keys: set[str] = set()
+        loss_keys: dict[str, None] = {}  # the loss names since the last row, in the method's order
         samples = 0
+        sums: dict[str, float] = {}  # the epoch's train/<loss> summed over its steps, from the rows
+        steps = 0
         t_log = time.perf_counter()
         n_batches = len(self.train_loader)
         skip, self.loader_state = self.batch_in_epoch, _loader_state(self.train_loader)
@@ -317,7 +332,7 @@ class Engine:
                     batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
                 losses, metrics = method.step(batch, self.loop)
                 window.append({k: v.detach() for k, v in (*losses.items(), *metrics.items())})  # summed per row
-                loss_keys.update(losses)
+                loss_keys.update(dict.fromkeys(losses))
                 samples += len(batch["label"])
                 self.step += 1
                 self.batch_in_epoch = i
@@ -333,8 +348,11 @@ class Engine:
                                 "train/lr": self.optimizer.param_groups[0]["lr"],
                                 "train/samples_per_s": len(window) * len(batch["label"]) * self.world / (now - t_log)})
                     self.log(row)
+                    for k in ("train/loss", *(f"train/{k}" for k in loss_keys)):
+                        sums[k] = sums.get(k, 0.0) + row[k] * len(window)
+                    steps += len(window)
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", sps=f"{row['train/samples_per_s']:.0f}")
-                    window, loss_keys, t_log = [], set(), now
+                    window, loss_keys, t_log = [], {}, now
                     if stop:
                         self._save_last()
                         path = self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None
@@ -343,7 +361,7 @@ class Engine:
                         self._save_last()
                 if self._done():
                     break
-        return samples * self.world
+        return samples * self.world, {k: v / steps for k, v in sums.items()}
 
     def _reduce(self, window: list[dict[str, torch.Tensor]]) -> tuple[dict[str, float], bool]:
         """The row of train/* means over the steps of `window` (and over the ranks), and whether any rank

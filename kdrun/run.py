@@ -155,8 +155,13 @@ def format_summary(s: dict, run_dir) -> str:
     rows = [f"kdrun {s['method']} on {s['dataset']}: {s['teacher'] + ' -> ' if s['teacher'] else ''}{s['student']}"]
     if s["teacher/test_acc"] is not None:
         rows.append(f"  teacher  {s['teacher']:<14} params {k(s['teacher/params']):>7}   test acc {s['teacher/test_acc']:.4f}")
-    rows.append(f"  student  {s['student']:<14} params {k(s['student/params']):>7}   test acc {s['test/acc']:.4f}"
-                f"   (best {s['test/acc_best']:.4f})")
+    if "val/acc" in s:
+        rows.append(f"  student  {s['student']:<14} params {k(s['student/params']):>7}   test acc {s['test/acc']:.4f}"
+                    f"   (at the best val acc {s['val/acc_best']:.4f}, epoch {s['val/best_epoch']}: "
+                    f"{s['test/acc_at_best_val']:.4f})")
+    else:
+        rows.append(f"  student  {s['student']:<14} params {k(s['student/params']):>7}   test acc {s['test/acc']:.4f}"
+                    f"   (best {s['test/acc_best']:.4f})")
     rows.append(f"  time     {s['wall_s']:.1f} s   {s['steps']} steps   {s['train/samples_per_s']} train samples/s")
     rows.append(f"  run dir  {run_dir}")
     return "\n".join(rows)
