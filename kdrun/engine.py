@@ -220,6 +220,12 @@ class Engine:
         method = self.method
         stages = method.stages(self.schedule.epochs)
         total_epochs = sum(s.epochs for s in stages)
+        if total_epochs < 1 or any(s.epochs < 0 for s in stages):
+            raise KdrunError(f"the {self.desc} run has {total_epochs} epochs to train "
+                             f"({', '.join(f'{s.name}: {s.epochs}' for s in stages) or 'no stage'}); give a positive "
+                             "schedule.epochs (teacher.epochs for a teacher kdrun trains)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise KdrunError(f"trainer.max_steps={self.max_steps}; give a positive number of steps, or null for no limit")
         state = checkpoint.load(resume) if resume else None
         if self.ddp and state is None:
             dist.broadcast(method.state_dict().values())  # every rank starts from rank 0's weights
@@ -230,6 +236,10 @@ class Engine:
                     continue
                 self.stage_index = i
                 self.train_key, self.train_loader = Loaders.key(stage.data), self.loaders.train(stage.data)
+                if len(self.train_loader) == 0:
+                    raise KdrunError(f"the {self.desc} stage '{stage.name}' has fewer training images than one batch "
+                                     f"(schedule.batch_size={self.schedule.batch_size}); give a smaller batch size "
+                                     "or more images")
                 if stage.fresh_optimizer or self.optimizer is None:
                     self.optimizer, self.scheduler = self.make_optimizer(*self._optimizer_span(stages, i))
                 method.on_stage_start(stage, self.loop)

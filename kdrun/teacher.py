@@ -69,6 +69,10 @@ def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mod
             acc = evaluate(teacher, _test_loader(cfg, data, device))["acc"]
         return teacher, acc
     if cfg.teacher.epochs == 0:  # e.g. a pretrained timm/torchvision model used as it is
+        if not cfg.teacher.get("pretrained"):
+            raise KdrunError(f"teacher.epochs=0 uses the teacher as it is, but {cfg.teacher.name} is neither pretrained "
+                             "nor loaded: it is random; set teacher.pretrained=true or teacher.checkpoint=PATH, or "
+                             "train it with teacher.epochs >= 1")
         teacher.to(device)
         return teacher, evaluate(teacher, _test_loader(cfg, data, device))["acc"]
     path = Path(cfg.paths.cache_dir).expanduser() / "teachers" / cache_key(cfg) / "teacher.pt"

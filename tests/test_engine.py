@@ -242,3 +242,36 @@ def test_methods_see_the_loop_only_through_its_context():
         assert not re.search(r"(?<![.\w])engine\.\w", text), f  # an engine's attribute (kdrun.engine.X may be named)
     for f in [root / "engine.py", root / "run.py", root / "cache.py", *(root / "data").glob("*.py")]:
         assert set(re.findall(r"^from kdrun\.methods\.(\w+)", f.read_text(), re.M)) <= {"base"}, f
+
+
+@pytest.mark.parametrize("override, message", [
+    (("schedule.epochs=-1",), "has -1 epochs to train .*give a positive schedule.epochs"),
+    (("schedule.epochs=0",), "has 0 epochs to train"),
+    (("trainer.max_steps=-5",), "trainer.max_steps=-5; give a positive number of steps"),
+    (("dataset=image_folder", "schedule.batch_size=64"), "fewer training images than one batch \\(schedule.batch_size=64\\)"),
+])
+def test_a_run_with_nothing_to_train_is_refused_before_it_starts(tmp_path, override, message):
+    from PIL import Image
+
+    from kdrun.run import run
+
+    for split, c, i in [(split, c, i) for split in ("train", "val") for c in range(2) for i in range(3)]:
+        (tmp_path / "data" / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / "data" / split / f"c{c}" / f"{i}.png")
+    folder = (f"dataset.root={tmp_path / 'data'}",) if "dataset=image_folder" in override else ()
+    cfg = make_cfg("dataset=digits", "method=supervised", *override, *folder)
+    with pytest.raises(KdrunError, match=message):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_teacher_that_would_not_train_is_never_used_or_cached(tmp_path):
+    from kdrun import teacher
+
+    data = kdata.build(make_cfg("dataset=digits").dataset)
+    for epochs, message in ((0, "teacher.epochs=0 uses the teacher as it is, but cnn is neither pretrained"),
+                            (-3, "has -3 epochs to train")):
+        cfg = make_cfg("dataset=digits", f"teacher.epochs={epochs}", f"paths.cache_dir={tmp_path}")
+        with pytest.raises(KdrunError, match=message):
+            teacher.get_teacher(cfg, data, "cpu")
+    assert not list(tmp_path.glob("teachers/*/teacher.pt"))
