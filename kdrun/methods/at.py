@@ -1,9 +1,9 @@
 """Zagoruyko & Komodakis ICLR 2017, "Paying More Attention to Attention" (AT).
 
-loss = CE + beta/2 * sum_j || Q_S^j/||Q_S^j||_2 - Q_T^j/||Q_T^j||_2 ||^2 (eq. 2), Q = sum_c |A_c|^p
-vectorised, over the stage outputs. The difference is squared and averaged over positions and batch,
-as in the authors' code, with `weight` = 1000 (the CRD benchmark's beta); maps of different sizes are
-average-pooled to the smaller one.
+The paper's loss is CE + beta/2 * sum_j || Q_S^j/||Q_S^j||_2 - Q_T^j/||Q_T^j||_2 ||^2 (eq. 2), Q = sum_c |A_c|^p
+vectorised, over the stage outputs. Here, as in the authors' code and the CRD benchmark, the term is
+`weight` * sum_j mean(difference^2) (averaged over positions and batch, no 1/2), `weight` = 1000 (the
+benchmark's beta); maps of different sizes are average-pooled to the smaller one.
 """
 
 from kdrun.losses import at_loss

@@ -1,6 +1,7 @@
 """Zhao et al. CVPR 2022, "Decoupled Knowledge Distillation" (DKD).
 
-loss = CE + min(epoch / warmup_epochs, 1) * (alpha * TCKD + beta * NCKD) (Sec. 3.2, eq. 7), each term at
+loss = CE + min((epoch + 1) / warmup_epochs, 1) * (alpha * TCKD + beta * NCKD) (Sec. 3.2, eq. 7; epoch counts
+completed epochs, so the first epoch has weight 1 / warmup_epochs, as in mdistiller), each term at
 temperature T and times T^2; alpha = 1, beta = 8, T = 4 and a 20-epoch warm-up as in the paper's CIFAR-100
 setting (beta 2 for resnet56/110 teachers, 6 for vgg13 and wrn_40_2: method=crd/dkd_beta2, crd/dkd_beta6). With
 `logit_standardization`, both logits are Z-scored first (Sun et al. CVPR 2024).

@@ -3,9 +3,10 @@
 Stage 1 (hints, `hint_epochs`): the student's lower part up to the guided layer and a regressor r are
 trained alone to predict the teacher's hint layer, L_HT = ||u_h - r(v_g)||^2 (eq. 3; here the MSE times
 `weight`). Stage 2 (`schedule.epochs`): the whole student is trained with KD, eq. (2),
-L_KD = H(y, P_S) + lambda * H(P_T^tau, P_S^tau), lambda annealed linearly from `lambda_start` to
-`lambda_end` over the stage (tau = 3, lambda 4 -> 1 in the authors' CIFAR configuration); the regressor
-is dropped. `stages=1` is the one-stage variant of the CRD benchmark: CE + weight * L_HT throughout.
+L_KD = H(y, P_S) + lambda * H(P_T^tau, P_S^tau), computed (and logged as `kd`) as lambda * KL(P_T^tau || P_S^tau),
+which differs from the cross-entropy by the teacher's entropy, a constant: the same gradient. lambda is annealed
+linearly from `lambda_start` to `lambda_end` over the stage (tau = 3, lambda 4 -> 1 in the authors' CIFAR
+configuration); the regressor is dropped. `stages=1` is the one-stage variant of the CRD benchmark: CE + weight * L_HT throughout.
 """
 
 import torch
@@ -20,8 +21,9 @@ from kdrun.methods.feature import FeatureMethod
 
 def regressor(s_shape, t_shape, relu: bool) -> nn.Module:
     """The paper's convolutional regressor: a conv of kernel (1 + Hs - Ht, 1 + Ws - Wt) without padding maps the
-    guided map onto the hint's size (Sec. 2.2), then BatchNorm and, when the hint is a ReLU output, a ReLU
-    (r keeps the hint's non-linearity); for vector features a Linear regressor."""
+    guided map onto the hint's size (Sec. 2.2) and, when the hint is a ReLU output, a ReLU (r keeps the hint's
+    non-linearity); between them a BatchNorm, which the paper's regressor does not have (the CRD benchmark's
+    ConvReg does); for vector features a Linear regressor."""
     if len(s_shape) == 2:
         return nn.Sequential(nn.Linear(s_shape[1], t_shape[1]), *([nn.ReLU()] if relu else []))
     (hs, ws), (ht, wt) = s_shape[2:], t_shape[2:]
