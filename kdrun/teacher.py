@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -34,8 +35,7 @@ def cache_key(cfg: DictConfig) -> str:
     dataset["source"] = {k: v for k, v in dataset["source"].items() if k not in ("root", "download")}
     split = {k: dataset.pop(k, None) for k in ("labeled_per_class", "labeled_fraction", "split_seed")}
     val_size = dataset.pop("val_size", None)
-    schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
-    schedule["epochs"] = cfg.teacher.epochs
+    schedule = OmegaConf.to_container(teacher_schedule(cfg), resolve=True)
     what = {
         "dataset": dataset, "schedule": schedule, "seed": cfg.teacher.seed,
         "teacher": {k: OmegaConf.to_container(cfg.teacher, resolve=True).get(k) for k in ("name", "kwargs", "pretrained")},
@@ -46,6 +46,22 @@ def cache_key(cfg: DictConfig) -> str:
     if val_size is not None:
         what["val"] = {"val_size": val_size, "split_seed": split["split_seed"]}  # and not on the validation images
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_schedule(cfg: DictConfig) -> DictConfig:
+    """The schedule of a teacher kdrun trains, for `teacher.epochs`: the conf/schedule option `teacher.schedule`
+    names, as its file says whatever the student's schedule is set to (so a search over the student's schedule
+    reuses one teacher), or the student's schedule when it is null."""
+    name = cfg.teacher.get("schedule")
+    schedule = cfg.schedule
+    if name is not None:
+        path = files("kdrun.conf") / "schedule" / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.name[:-5] for p in (files("kdrun.conf") / "schedule").iterdir() if p.name.endswith(".yaml"))
+            raise KdrunError(f"teacher.schedule={name} is not a schedule; use one of {', '.join(known)}, or null for "
+                             "the student's")
+        schedule = OmegaConf.load(path)
+    return OmegaConf.merge(schedule, {"epochs": cfg.teacher.epochs})
 
 
 def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Module, float]:
@@ -118,9 +134,9 @@ def _train(cfg: DictConfig, data: kdata.Data, device, run_dir: Path, snapshot_ep
     teacher = models.build(cfg.teacher, data).to(device)
     torch.manual_seed(cfg.teacher.seed)
     method = Supervised(teacher).to(device)
-    loaders = kdata.Loaders(data, method.batch_spec, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
+    schedule = teacher_schedule(cfg)
+    loaders = kdata.Loaders(data, method.batch_spec, schedule.batch_size, cfg.trainer.eval_batch_size, device,
                             seed=cfg.teacher.seed, num_workers=cfg.trainer.num_workers)
-    schedule = OmegaConf.merge(cfg.schedule, {"epochs": cfg.teacher.epochs})
     trainer = OmegaConf.merge(cfg.trainer, {"snapshot_epochs": list(snapshot_epochs)})
     if stop_epoch is not None:
         trainer.max_steps = min(s for s in (cfg.trainer.get("max_steps"), stop_epoch * len(loaders.train())) if s)
@@ -136,8 +152,6 @@ def _train(cfg: DictConfig, data: kdata.Data, device, run_dir: Path, snapshot_ep
 def get_teachers(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Module, float]:
     """`teachers=[...]`: each entry a teacher preset name (conf/teacher) or a teacher config; each is obtained
     like a single teacher (checkpoint, cache or training) and they are returned as one Ensemble."""
-    from importlib.resources import files
-
     from kdrun.models.ensemble import Ensemble
 
     presets = files("kdrun.conf") / "teacher"

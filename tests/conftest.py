@@ -25,6 +25,12 @@ def make_cfg(*overrides: str, tmp_path: Path | None = None):
         return compose("config", overrides=["logger=none", *overrides])
 
 
+def one_thread_env() -> dict:
+    """A `kdrun` subprocess's environment: one thread (the CPU is shared) and the session's data and cache dirs
+    (read at call time: a test module is imported before the session fixture sets them)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def kdrun(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run the `kdrun` command line as a user does; returns the finished process."""
     proc = subprocess.run([sys.executable, "-m", "kdrun", *args], cwd=cwd, capture_output=True, text=True, timeout=600)

@@ -2,26 +2,25 @@
 (kdrun's own spawning of ranks is tested in test_long_runs.py.)"""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import one_thread_env
 from kdrun.data.loaders import BatchAugment, FolderLoader, Normalize, TensorLoader
 from kdrun.data.sources import digits
 
 RUN = ["dataset=digits", "logger=none", "method=kd", "teacher=mlp", "student=mlp", "schedule.epochs=3",
        "schedule.batch_size=32", "trainer.device=cpu"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
 def test_torchrun_with_a_shared_run_dir_trains_as_one_process(tmp_path):
     def run(*launcher, run_dir):
-        proc = subprocess.run([sys.executable, *launcher, *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=ENV,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, *launcher, *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                              env=one_thread_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return json.loads((run_dir / "summary.json").read_text())
 

@@ -2,7 +2,6 @@
 ranks, both end with the result of one process that trained without a stop (same seed, CPU)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,15 +10,16 @@ import time
 import pytest
 import torch
 
+from conftest import one_thread_env
+
 RUN = ["dataset=digits", "logger=none", "method=kd", "teacher=mlp", "student=mlp", "schedule.epochs=3",
        "schedule.batch_size=32", "trainer.device=cpu", "trainer.checkpoint_every_steps=5"]
 STEPS = 1437 // 32  # per epoch
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: the CPU is shared
 
 
 def start(run_dir, *args):
     return subprocess.Popen([sys.executable, "-m", "kdrun", *RUN, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=one_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(run_dir, *args) -> str:

@@ -3,7 +3,6 @@ summary, launchers and Optuna (when their extras are installed), and the table a
 
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -13,16 +12,15 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import make_cfg
+from conftest import make_cfg, one_thread_env
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 BASE = ["dataset=digits", "logger=none", "schedule.epochs=2", "schedule.batch_size=64", "teacher=mlp"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def kdrun(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "kdrun", "-m", *BASE, *args], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "kdrun", "-m", *BASE, *args], cwd=cwd, env=one_thread_env(),
+                          capture_output=True, text=True, timeout=600)
 
 
 def script(name, *args, cwd=None):
@@ -151,3 +149,20 @@ def test_submitit_local_launcher(tmp_path):
                  cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert [r["status"] for r in summary_rows(tmp_path / "s")] == ["ok", "ok"]
+
+
+def test_an_optuna_search_over_the_students_schedule_trains_the_teacher_once(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = kdrun("hparams_search=kd_optuna", "hydra.sweeper.n_trials=3", "dataset=digits", "teacher=mlp",
+                 "student=mlp", "schedule.epochs=2", "hydra.sweep.dir=s", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["status"] for r in summary_rows(tmp_path / "s")] == ["ok"] * 3
+    assert proc.stdout.count("teacher: none given") == 1 and proc.stdout.count("teacher: reusing") == 2
+
+
+def test_an_optuna_search_without_validation_images_is_refused(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = kdrun("hparams_search=kd_optuna", "hydra.sweeper.n_trials=1", "dataset=digits", "dataset.val_size=null",
+                 "hydra.sweep.dir=s", cwd=tmp_path)
+    assert proc.returncode != 0 and "hold validation images out with dataset.val_size" in proc.stderr
+    assert not list((tmp_path / "s").glob("*/summary.json")) and not list((tmp_path / "s").glob("*/checkpoints"))

@@ -53,7 +53,8 @@ def test_validation_chooses_the_best_checkpoint_and_the_test_set_only_reports(tm
     ckpt = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert ckpt["epoch"] == best["epoch"] and ckpt["val_acc"] == best["val/acc"]
     split = json.loads((tmp_path / "split.json").read_text())
-    assert split["num_val"] == len(split["val_index"]) == len(kdata.build(make_cfg(*FAST, "dataset.val_size=0.2").dataset).val)
+    held_out = kdata.build(make_cfg(*FAST, "dataset.val_size=0.2").dataset).val_index.tolist()
+    assert split["num_val"] == len(held_out) and split["val_index"] == held_out
 
 
 def test_a_teacher_trained_without_the_validation_images_has_its_own_cache_key():
