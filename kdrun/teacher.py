@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 SNAPSHOT = re.compile(r"epoch_(\d+)")  # teacher.checkpoint=epoch_N: the snapshot after epoch N
 
 
-def cache_key(cfg: DictConfig) -> str:
-    """A short hash of what determines a trained teacher; paths and download flags do not count."""
+def cache_key(cfg: DictConfig, data: kdata.Data | None = None) -> str:
+    """A short hash of what determines a trained teacher; paths and download flags do not count. A dataset read
+    from files (an image folder: its root is what it holds) counts by its content, its files' names and sizes,
+    so `data` must be given for one."""
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in ("root", "download")}
     dataset["source"] = {k: v for k, v in dataset["source"].items() if k not in ("root", "download")}
     split = {k: dataset.pop(k, None) for k in ("labeled_per_class", "labeled_fraction", "split_seed")}
@@ -45,6 +47,9 @@ def cache_key(cfg: DictConfig) -> str:
         what["split"] = split  # trained on the labeled part only
     if val_size is not None:
         what["val"] = {"val_size": val_size, "split_seed": split["split_seed"]}  # and not on the validation images
+    files = kdata.file_fingerprint(data.splits.train) if data is not None else None
+    if files is not None:
+        what["files"] = files
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,7 +96,7 @@ def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mod
                              "train it with teacher.epochs >= 1")
         teacher.to(device)
         return teacher, evaluate(teacher, _test_loader(cfg, data, device))["acc"]
-    path = Path(cfg.paths.cache_dir).expanduser() / "teachers" / cache_key(cfg) / "teacher.pt"
+    path = Path(cfg.paths.cache_dir).expanduser() / "teachers" / cache_key(cfg, data) / "teacher.pt"
     if path.is_file():
         ckpt = checkpoint.load_weights(teacher, path, what="teacher")
         log.info("teacher: reusing %s (test acc %.4f) from %s", cfg.teacher.name, ckpt["test_acc"], path)
@@ -109,7 +114,7 @@ def snapshot(cfg: DictConfig, data: kdata.Data, device, epoch: int) -> Path:
     """The checkpoint, after `epoch` of its `teacher.epochs`, of the teacher kdrun trains and caches: an
     early-stopped teacher (Cho & Hariharan 2019). Missing from the cache, it is made by replaying that
     training up to `epoch` (the same seed, data order and LR schedule)."""
-    directory = Path(cfg.paths.cache_dir).expanduser() / "teachers" / cache_key(cfg)
+    directory = Path(cfg.paths.cache_dir).expanduser() / "teachers" / cache_key(cfg, data)
     path = directory / "checkpoints" / f"epoch_{epoch}.pt"
     if path.is_file():
         return path

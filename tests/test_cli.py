@@ -76,6 +76,26 @@ def test_supervised_run_writes_the_run_dir_contract(tmp_path):
         assert ckpt["arch"]["num_classes"] == 10
 
 
+def test_an_image_folder_keys_its_teacher_by_what_it_holds_not_where(tmp_path):
+    from PIL import Image
+
+    def folder(name, shade):
+        for split, c, i in [(split, c, i) for split in ("train", "val") for c in range(2) for i in range(3)]:
+            (tmp_path / name / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), shade * (i + 1)).save(tmp_path / name / split / f"c{c}" / f"{i}.png")
+
+    def key(name):
+        cfg = make_cfg("dataset=image_folder", f"dataset.root={tmp_path / name}")
+        return cache_key(cfg, kdata.build(cfg.dataset))
+
+    folder("a", 10)
+    folder("b", 10)  # the same images elsewhere
+    (tmp_path / "c").mkdir()
+    folder("c", 10)
+    Image.new("L", (8, 8), 0).save(tmp_path / "c" / "train" / "c1" / "3.png")  # one image more
+    assert key("a") == key("b") != key("c")
+
+
 def test_the_teacher_cache_key_ignores_where_the_data_lives():
     here = cache_key(make_cfg("paths.data_dir=/a"))
     assert cache_key(make_cfg("paths.data_dir=/b", "dataset.download=false")) == here

@@ -4,7 +4,9 @@ stage draws and reports on (`Selection`, `EvalSet`), and the loader factory the 
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -150,6 +152,21 @@ def hold_out(data: Data, cfg: DictConfig) -> Data:
                                 f"dataset.val_size={size}", kept="for training")
     return replace(data, splits=replace(data.splits, train=semi.part(train, rest)), val=semi.part(train, val),
                    val_index=val)
+
+
+def file_fingerprint(part) -> str | None:
+    """sha256 of the files a split read from disk holds (their paths below its root, classes and sizes, in order;
+    the whole source set of a subset), or None for a split held in memory."""
+    while isinstance(part, torch.utils.data.Subset):
+        part = part.dataset
+    samples = getattr(part, "samples", None)
+    if samples is None:
+        return None
+    root = Path(part.root)
+    h = hashlib.sha256()
+    for path, label in samples:
+        h.update(f"{Path(path).relative_to(root)}:{label}:{os.path.getsize(path)};".encode())
+    return h.hexdigest()
 
 
 def train_augment(data: Data) -> BatchAugment:
