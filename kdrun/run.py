@@ -71,6 +71,7 @@ def compose(cfg: DictConfig, device: torch.device, rank: int = 0, world: int = 1
     method_cls = get_class(cfg.method._target_)
     with dist.rank_zero_first():  # a download, or a teacher to train, happens once
         data = kdata.build(cfg.dataset)
+        _check_before_training(cfg, data, method_cls)
         teacher, teacher_acc = get_teacher(cfg, data, device) if method_cls.needs_teacher else (None, None)
 
     seed_everything(cfg.seed)  # the student's start does not depend on whether the teacher was cached
@@ -136,6 +137,16 @@ def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.
     finally:
         logger.close()
     return summary
+
+
+def _check_before_training(cfg: DictConfig, data: kdata.Data, method_cls: type[Method]) -> None:
+    """Build the student, and the method on an untrained teacher, once, so that a bad model name, method option
+    or feature layer fails before a teacher trains; `compose` builds them again, seeded, for the run."""
+    student = models.build(cfg.student, data)
+    if cfg.get("teachers"):  # an ensemble: each member is checked as it is obtained
+        return
+    teacher = models.build(cfg.teacher, data) if method_cls.needs_teacher or method_cls.trains_teacher else None
+    instantiate(cfg.method, _partial_=True)(student=student, teacher=teacher).setup(data)
 
 
 def _check_classes(teacher: torch.nn.Module, student: torch.nn.Module, data: kdata.Data) -> None:

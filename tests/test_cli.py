@@ -163,3 +163,18 @@ def test_wandb_without_api_key_falls_back_to_offline(tmp_path):
     assert "no API key" in out and "wandb sync" in out
     (run,) = _runs(tmp_path)
     assert list((run / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.name=resnt18", "resnt18"),
+    ("method=fitnet", "teacher has no module 'layer9'"),
+])
+def test_a_bad_student_method_or_layer_fails_before_the_teacher_trains(tmp_path, override, message):
+    from kdrun.errors import KdrunError
+    from kdrun.run import run
+
+    extra = ["teacher.feature_layers=[layer9]"] if override == "method=fitnet" else []
+    cfg = make_cfg("dataset=digits", override, *extra, f"paths.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(KdrunError, match=message):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache" / "teachers").exists()
