@@ -136,6 +136,7 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "16-mixed")
         self.channels_last = bool(trainer.get("channels_last", False))
         self.max_steps = trainer.get("max_steps") or None
+        self.patience = trainer.get("early_stopping_patience")  # evaluations without a better val/acc before stopping
         self.snapshot_epochs = set(trainer.get("snapshot_epochs") or ())  # keep checkpoints/epoch_N.pt after these
         self.checkpoint_every = trainer.get("checkpoint_every_steps") or None
         self.grad_clip = trainer.get("grad_clip")  # read once: a config lookup per step costs more than it seems
@@ -150,7 +151,8 @@ class Engine:
         self.stage_index = 0
         self.loader_state = None
         self.batch_in_epoch = 0
-        self.progress = {"best": {}, "result": {}, "train_time": 0.0, "samples": 0,
+        self.progress = {"best": {}, "result": {}, "stale_evaluations": 0, "stopped_early": None, "train_time": 0.0,
+                         "samples": 0,
                          "wall_s": 0.0}
         self.signal = None  # set by SIGTERM/SIGUSR1 while fitting
 
@@ -226,6 +228,10 @@ class Engine:
                              "schedule.epochs (teacher.epochs for a teacher kdrun trains)")
         if self.max_steps is not None and self.max_steps < 1:
             raise KdrunError(f"trainer.max_steps={self.max_steps}; give a positive number of steps, or null for no limit")
+        if self.patience is not None and (self.patience < 1 or self.loaders.data.val is None):
+            raise KdrunError(f"trainer.early_stopping_patience={self.patience} stops when validation accuracy has not "
+                             "improved for that many evaluations; give at least 1, with validation images held out "
+                             "(dataset.val_size=N or a fraction)")
         state = checkpoint.load(resume) if resume else None
         if self.ddp and state is None:
             dist.broadcast(method.state_dict().values())  # every rank starts from rank 0's weights
@@ -263,6 +269,7 @@ class Engine:
                         self.log({"epoch": self.epoch, **result})
                         if self._is_best(result):
                             self.save("best", test_acc=result.get("test/acc"), val_acc=result.get("val/acc"))
+                        self._stop_early(result)
                     self._log_epoch(total_epochs, means, result or {}, samples / seconds)
                     self._save_last()
                     if snapshot:
@@ -273,6 +280,7 @@ class Engine:
         return {
             "test/acc": p["result"].get("test/acc"),
             **_best_summary(p["best"], p["result"]),
+            "stopped_early": p["stopped_early"],
             "steps": self.step,
             "epochs": self.epoch,
             "wall_s": round(p["wall_s"] + time.perf_counter() - start, 3),
@@ -290,8 +298,21 @@ class Engine:
         chooser = "val/acc" if "val/acc" in result else "test/acc"
         return chooser in best and best[chooser]["epoch"] == self.epoch
 
+    def _stop_early(self, result: dict) -> None:
+        """Early stopping: after `patience` evaluations in a row without a better validation accuracy."""
+        p = self.progress
+        if self.patience is None or "val/acc" not in result:
+            return
+        improved = p["best"]["val/acc"]["epoch"] == self.epoch
+        p["stale_evaluations"] = 0 if improved else p["stale_evaluations"] + 1
+        if p["stale_evaluations"] >= self.patience:
+            p["stopped_early"] = self.epoch
+            log.info("%s: stopping early after epoch %d: validation accuracy has not improved for %d evaluations "
+                     "(best %.4f, epoch %d)", self.desc, self.epoch, self.patience, p["best"]["val/acc"]["acc"],
+                     p["best"]["val/acc"]["epoch"])
+
     def _done(self) -> bool:
-        return self.max_steps is not None and self.step >= self.max_steps
+        return (self.max_steps is not None and self.step >= self.max_steps) or self.progress["stopped_early"] is not None
 
     def _optimizer_span(self, stages: list[Stage], i: int):
         """The parameters, epochs, LR scale and steps per epoch of the optimizer stage i trains with: its own,

@@ -47,6 +47,8 @@ def cache_key(cfg: DictConfig, data: kdata.Data | None = None) -> str:
         what["split"] = split  # trained on the labeled part only
     if val_size is not None:
         what["val"] = {"val_size": val_size, "split_seed": split["split_seed"]}  # and not on the validation images
+    if cfg.trainer.get("early_stopping_patience") is not None:  # it stops on validation accuracy
+        what["early_stopping_patience"] = cfg.trainer.early_stopping_patience
     files = kdata.file_fingerprint(data.splits.train) if data is not None else None
     if files is not None:
         what["files"] = files

@@ -71,3 +71,13 @@ def test_make_table_best_protocol_needs_validation(tmp_path):
     assert proc.returncode != 0 and "dataset.val_size" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, script, tmp_path, "--protocol", "best-test"], capture_output=True, text=True)
     assert proc.returncode == 0 and "best epoch by test accuracy" in proc.stdout
+
+
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_better_validation_accuracy(tmp_path):
+    frozen = ["schedule.optimizer.lr=0", "trainer.early_stopping_patience=2", "schedule.epochs=20"]
+    summary = run(make_cfg(*FAST, "dataset.val_size=0.2", *frozen), tmp_path)  # nothing learns: epoch 1 stays best
+    assert summary["stopped_early"] == 3 and summary["epochs"] == 3 and summary["val/best_epoch"] == 1
+    with pytest.raises(KdrunError, match="early_stopping_patience=2 .*dataset.val_size"):
+        run(make_cfg(*FAST, *frozen), tmp_path / "no_val")
+    assert cache_key(make_cfg("dataset=digits", "trainer.early_stopping_patience=2")) != cache_key(
+        make_cfg("dataset=digits"))
