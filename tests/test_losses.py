@@ -877,3 +877,21 @@ def test_kdsvd_hand():
     close(kdsvd_loss(teacher, [x.clone() for x in teacher]), 0.0)
     with pytest.raises(ValueError, match="channel"):
         kdsvd_loss([randn(1, 3, 2, 2), randn(1, 3, 2, 2)], [randn(1, 2, 2, 2), randn(1, 3, 2, 2)])
+
+
+def _background_map(seed):
+    """(4, 8, 3, 3) maps whose last four positions repeat the fifth, as a uniform background does: each (9, 8)
+    matrix has rank 5, so three of its singular values are zero, and equal."""
+    x = randn(4, 8, 3, 3, seed=seed).flatten(2)
+    return torch.cat([x[:, :, :5], x[:, :, 4:5].expand(-1, -1, 4)], dim=2).view(4, 8, 3, 3)
+
+
+def test_kdsvd_gradient_of_rank_deficient_maps():
+    # The top singular vectors are smooth functions of such a map; torch's SVD gradient is NaN there (0 / 0 for
+    # each pair of equal unused singular values). The gradient must be the finite differences' one.
+    teacher = [_background_map(1), randn(4, 8, 2, 2, seed=2)]
+    student = (_background_map(3).requires_grad_(True), randn(4, 8, 2, 2, seed=4).requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda *s: kdsvd_loss(s, teacher), student)
+    dead = torch.zeros(4, 8, 3, 3, dtype=DT, requires_grad=True)  # no singular vectors at all: no gradient
+    kdsvd_loss([dead, student[1]], teacher).backward()
+    assert torch.isfinite(dead.grad).all()

@@ -135,11 +135,6 @@ def sp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Ten
 # --------------------------------------------------------------------------- RKD
 
 
-def _pair_index(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    i, j = torch.triu_indices(b, b, offset=1, device=device)
-    return i, j
-
-
 def rkd_distance_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Park et al. CVPR 2019 (RKD), eq. (2)-(3): Huber loss between mean-normalised pairwise distances.
 
@@ -153,11 +148,9 @@ def rkd_distance_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """
     _same_batch(s, t, "rkd_distance_loss")
     _min_batch(s, 2, "rkd_distance_loss")
-    i, j = _pair_index(s.shape[0], s.device)
 
     def psi(x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        d = torch.linalg.vector_norm(x[i] - x[j], ord=2, dim=1)
+        d = F.pdist(x.flatten(1))  # the pairs i < j
         return d / d.mean()
 
     return F.smooth_l1_loss(psi(s), psi(t), reduction="mean", beta=1.0)
@@ -170,22 +163,30 @@ def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     psi_A(x_i, x_j, x_k) = cos of the angle at x_j = <e_ij, e_kj>, e_ij = (x_i - x_j) / ||x_i - x_j||.
     Huber (smooth L1, delta = 1) between student and teacher psi_A, averaged over all
     ordered triplets of distinct indices (the paper writes a sum over them; see
-    `rkd_distance_loss`). Memory is O(B^2 D + B^3).
+    `rkd_distance_loss`). With the Gram matrix G of the centred embeddings,
+    <x_i - x_j, x_k - x_j> = G_ik - G_ij - G_jk + G_jj, so nothing larger than B^3 scalars
+    is formed (in float64, against the cancellation); e_ij = 0, with no gradient, where x_i = x_j.
     """
     _same_batch(s, t, "rkd_angle_loss")
     _min_batch(s, 3, "rkd_angle_loss")
     b = s.shape[0]
-    eye = torch.eye(b, dtype=torch.bool, device=s.device)
-    # valid[j, i, k]: j is the vertex, i and k the two other points, all distinct.
-    valid = ~(eye.unsqueeze(2) | eye.unsqueeze(1) | eye.unsqueeze(0))
+    pairs = torch.triu_indices(b, b, offset=1, device=s.device)  # i < j, as F.pdist lists them
 
     def psi(x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        # e[j, i] = (x_i - x_j) / ||x_i - x_j||; the zero rows e[j, j] are masked out below.
-        e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)
-        return (e @ e.transpose(1, 2))[valid]
+        x = x.flatten(1).double()
+        x = x - x.mean(dim=0)
+        g = x @ x.t()
+        d = F.pdist(x)
+        r = torch.where(d > 0, 1.0 / d.clamp_min(1e-12), torch.zeros_like(d))
+        r = torch.zeros_like(g).index_put(tuple(pairs), r)
+        r = r + r.t()  # 1 / ||x_i - x_j||, 0 on i = j
+        h = g - g.diagonal().unsqueeze(1) / 2  # h[j, i] = G_ji - G_jj / 2
+        n = g.unsqueeze(0) - h.unsqueeze(2) - h.unsqueeze(1)  # n[j, i, k], j the vertex
+        return n * r.unsqueeze(2) * r.unsqueeze(1)  # 0 where i = j or k = j
 
-    return F.smooth_l1_loss(psi(s), psi(t), reduction="mean", beta=1.0)
+    huber = F.smooth_l1_loss(psi(s), psi(t), reduction="none", beta=1.0)
+    distinct = ~torch.eye(b, dtype=torch.bool, device=s.device)  # i != k
+    return (torch.where(distinct, huber, torch.zeros_like(huber)).sum() / (b * (b - 1) * (b - 2))).to(s.dtype)
 
 
 # --------------------------------------------------------------------------- PKT
@@ -327,8 +328,8 @@ def ab_loss(student_pre_relu: torch.Tensor, teacher_pre_relu: torch.Tensor, marg
     activation boundary by at least the margin.
     """
     _same_shape(student_pre_relu, teacher_pre_relu, "ab_loss")
-    active = (teacher_pre_relu > 0).to(student_pre_relu.dtype)
-    per_neuron = active * F.relu(margin - student_pre_relu) + (1.0 - active) * F.relu(margin + student_pre_relu)
+    sign = (teacher_pre_relu > 0).to(student_pre_relu.dtype) * 2 - 1  # relu(mu - S) where rho(T) = 1, relu(mu + S) else
+    per_neuron = F.relu(margin - sign * student_pre_relu)
     return per_neuron.pow(2).flatten(1).sum(dim=1).mean()
 
 
@@ -498,12 +499,56 @@ def crd_nce_loss(pos: torch.Tensor, neg: torch.Tensor, num_data: int, eps: float
 # --------------------------------------------------------------------------- KD-SVD
 
 
+class _TopSingular(torch.autograd.Function):
+    """The top-k singular values (B, k) and right singular vectors (B, C, k) of a batch of (B, M, C) matrices,
+    differentiated through those k triplets only.
+
+    With A = U S V^T (reduced, K = min(M, C) triplets), v_i = A^T u_i / s_i and for i <= k
+        dv_i = sum_{j != i} v_j (s_j u_j^T dA v_i + s_i u_i^T dA v_j) / (s_i^2 - s_j^2) + (I - V V^T) dA^T u_i / s_i,
+        ds_i = u_i^T dA v_i.
+    This is torch's SVD gradient without the pairs j, j' > k, whose terms are 0 / (s_j^2 - s_j'^2): NaN once two of
+    the unused singular values are equal, as the zero ones of a rank-deficient map are (a feature map with repeated
+    positions, e.g. a uniform background). Where the gradient is genuinely undefined (s_i = s_j for i <= k, or
+    s_i = 0) the non-finite factors 1 / (s_i^2 - s_j^2) and 1 / s_i are set to 0, as in the authors' SVD gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: int):
+        threads = torch.get_num_threads()
+        if x.device.type == "cpu":  # threaded LAPACK on a busy CPU: (128, 196, 32) in 20 s; on one thread, 22 ms
+            torch.set_num_threads(1)
+        try:
+            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        finally:
+            torch.set_num_threads(threads)
+        ctx.save_for_backward(u, s, vh)
+        ctx.k = k
+        return s[:, :k], vh[:, :k].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_s: torch.Tensor | None, grad_v: torch.Tensor | None):
+        u, s, vh = ctx.saved_tensors
+        k = ctx.k
+        u_k, s_k, vh_k = u[:, :, :k], s[:, :k], vh[:, :k]
+        grad = torch.zeros(u.shape[0], u.shape[1], vh.shape[2], dtype=u.dtype, device=u.device)
+        if grad_s is not None:
+            grad = grad + u_k @ (grad_s.unsqueeze(2) * vh_k)
+        if grad_v is not None:
+            c = vh @ grad_v  # (B, K, k): v_j . grad_v_i
+            f = 1.0 / (s_k.unsqueeze(1).pow(2) - s.unsqueeze(2).pow(2))  # (B, K, k): 1 / (s_i^2 - s_j^2)
+            g = c * torch.where(torch.isfinite(f), f, torch.zeros_like(f))
+            grad = grad + u @ (s.unsqueeze(2) * g) @ vh_k + u_k @ (s_k.unsqueeze(2) * g.transpose(1, 2)) @ vh
+            if vh.shape[2] > vh.shape[1]:  # C > K: the part of grad_v outside A's row space
+                inv = torch.where(s_k > 0, 1.0 / s_k, torch.zeros_like(s_k))
+                grad = grad + u_k @ (inv.unsqueeze(2) * (grad_v - vh.transpose(1, 2) @ c).transpose(1, 2))
+        return grad, None
+
+
 def _top_singular(feat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, the top-k right singular vectors (B, C, k) and singular values (B, k) of the (H*W, C)
-    matrix of a (B, C, H, W) map, each L2-normalised (vectors over C, values over k); NaN/inf set to 0."""
-    x = feat.flatten(2).transpose(1, 2)
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    s, v = s[:, :k], vh[:, :k].transpose(1, 2)
+    matrix of a (B, C, H, W) map, each L2-normalised (vectors over C, values over k); NaN/inf set to 0.
+    Differentiated through the top k triplets only (`_TopSingular`)."""
+    s, v = _TopSingular.apply(feat.flatten(2).transpose(1, 2), k)
     s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
     v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
     return F.normalize(v, dim=1), F.normalize(s, dim=1)

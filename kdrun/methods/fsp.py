@@ -23,7 +23,7 @@ def _pairs(feats):
     out = []
     for a, b in zip(feats, feats[1:]):
         size = min(a.shape[2:], b.shape[2:], key=lambda s: s[0] * s[1])
-        out.append((F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)))
+        out.append(tuple(f if f.shape[2:] == size else F.adaptive_avg_pool2d(f, size) for f in (a, b)))
     return out
 
 
