@@ -5,7 +5,8 @@ attention-based fusion (ABF) module per level maps the student feature to a midd
 fuses it with the upsampled result of the level below through two sigmoid attention maps, and produces
 (3x3 conv + BN) the level's output at the teacher's size. Each output is compared with the teacher's
 pre-ReLU stage response (the last level with the teacher's pooled feature) by the hierarchical context
-loss (`kdrun.losses.hcl_loss`): loss = CE + weight * min(epoch / warmup_epochs, 1) * sum_levels HCL.
+loss (`kdrun.losses.hcl_loss`): loss = CE + weight * min((epoch + 1) / warmup_epochs, 1) * sum_levels HCL, epoch
+counting completed epochs (the first has weight 1 / warmup_epochs, as in mdistiller).
 Weight 1 and a 20-epoch warm-up follow mdistiller (which uses weight 5 for resnet32x4 -> resnet8x4).
 """
 
