@@ -103,8 +103,10 @@ def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mod
         ckpt = checkpoint.load_weights(teacher, path, what="teacher")
         log.info("teacher: reusing %s (test acc %.4f) from %s", cfg.teacher.name, ckpt["test_acc"], path)
         return teacher.to(device), ckpt["test_acc"]
-    log.info("teacher: none given (teacher.checkpoint); training %s on %s for %d epochs with method=supervised, "
-             "cached in %s", cfg.teacher.name, data.name, cfg.teacher.epochs, path.parent)
+    limit = cfg.trainer.get("max_steps")
+    log.info("teacher: none given (teacher.checkpoint); training %s on %s for %d epochs%s with method=supervised, "
+             "cached in %s", cfg.teacher.name, data.name, cfg.teacher.epochs,
+             f" (at most {limit} steps: trainer.max_steps limits the teacher too)" if limit else "", path.parent)
     teacher, summary = _train(cfg, data, device, path.parent, cfg.teacher.get("snapshot_epochs") or [])
     meta = {"arch": models.arch(cfg.teacher, data)}
     checkpoint.save({"model": teacher.state_dict(), **meta, "test_acc": summary["test/acc"], "summary": summary}, path)
