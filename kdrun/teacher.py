@@ -60,15 +60,19 @@ def teacher_schedule(cfg: DictConfig) -> DictConfig:
     names, as its file says whatever the student's schedule is set to (so a search over the student's schedule
     reuses one teacher), or the student's schedule when it is null."""
     name = cfg.teacher.get("schedule")
-    schedule = cfg.schedule
-    if name is not None:
-        path = files("kdrun.conf") / "schedule" / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.name[:-5] for p in (files("kdrun.conf") / "schedule").iterdir() if p.name.endswith(".yaml"))
-            raise KdrunError(f"teacher.schedule={name} is not a schedule; use one of {', '.join(known)}, or null for "
-                             "the student's")
-        schedule = OmegaConf.load(path)
+    schedule = cfg.schedule if name is None else _preset("schedule", name, f"teacher.schedule={name}",
+                                                         "or null for the student's")
     return OmegaConf.merge(schedule, {"epochs": cfg.teacher.epochs})
+
+
+def _preset(group: str, name: str, asked: str, otherwise: str) -> DictConfig:
+    """The option `name` of the config group `group` (conf/<group>/<name>.yaml) as its file says; one sentence
+    listing the group's options when there is no such option."""
+    folder = files("kdrun.conf") / group
+    if not (folder / f"{name}.yaml").is_file():
+        known = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+        raise KdrunError(f"{asked} is not a {group} preset; use one of {', '.join(known)}, {otherwise}")
+    return OmegaConf.load(folder / f"{name}.yaml")
 
 
 def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Module, float]:
@@ -163,15 +167,11 @@ def get_teachers(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mo
     like a single teacher (checkpoint, cache or training) and they are returned as one Ensemble."""
     from kdrun.models.ensemble import Ensemble
 
-    presets = files("kdrun.conf") / "teacher"
     members, names = [], []
     for entry in cfg.teachers:
         if isinstance(entry, str):
-            if not (presets / f"{entry}.yaml").is_file():
-                known = sorted(p.name[:-5] for p in presets.iterdir() if p.name.endswith(".yaml"))
-                raise KdrunError(f"teachers=[...] names '{entry}', which is not a teacher preset; use one of "
-                                 f"{', '.join(known)}, or a teacher config such as {{name: resnet8}}")
-            entry = OmegaConf.load(presets / f"{entry}.yaml")
+            entry = _preset("teacher", entry, f"teachers=[...] names '{entry}', which",
+                            "or a teacher config such as {name: resnet8}")
         member = OmegaConf.to_container(cfg.teacher)  # a member inherits epochs and seed, not the architecture
         member.update(name=None, kwargs={}, checkpoint=None, pretrained=False)
         member = OmegaConf.merge(member, entry)
