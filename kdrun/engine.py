@@ -66,10 +66,12 @@ def lr_factor(schedule: DictConfig | dict, step: int, total_steps: int, steps_pe
 
 def train(method: Method, loaders: Loaders, schedule: DictConfig, trainer: DictConfig, run_dir: str | Path | None = None,
           logger: RunLogger | None = None, device="cpu", checkpoint_meta: dict | None = None, desc: str = "train",
-          ddp: bool = False, resume: str | Path | None = None) -> dict:
+          ddp: bool = False, resume: str | Path | None = None, stages: list[Stage] | None = None) -> dict:
     """Train `method` on `loaders` for `schedule`: the one train function, for a run's student and for a teacher
-    kdrun trains. Returns the engine's summary (see `Engine.fit`)."""
-    return Engine(method, loaders, schedule, trainer, run_dir, logger, device, checkpoint_meta, desc, ddp).fit(resume)
+    kdrun trains. `stages`: the stages to run (default: the method's own, `method.stages(schedule.epochs)`; a
+    continual scenario gives each experience's). Returns the engine's summary (see `Engine.fit`)."""
+    engine = Engine(method, loaders, schedule, trainer, run_dir, logger, device, checkpoint_meta, desc, ddp)
+    return engine.fit(resume, stages)
 
 
 class Loop:
@@ -151,9 +153,8 @@ class Engine:
         self.stage_index = 0
         self.loader_state = None
         self.batch_in_epoch = 0
-        self.progress = {"best": {}, "result": {}, "stale_evaluations": 0, "stopped_early": None, "train_time": 0.0,
-                         "samples": 0,
-                         "wall_s": 0.0}
+        self.progress = {"best": {}, "result": {}, "stage_results": [], "stale_evaluations": 0, "stopped_early": None,
+                         "train_time": 0.0, "samples": 0, "wall_s": 0.0}
         self.signal = None  # set by SIGTERM/SIGUSR1 while fitting
 
     # ---- what a method may use, through `Loop` ---------------------------------------------------
@@ -194,8 +195,7 @@ class Engine:
     def evaluate(self, model: torch.nn.Module, on: str | EvalSet = "test") -> dict[str, float]:
         """Accuracy and loss of `model` on an evaluation set (a name: that split, whole)."""
         which = on if isinstance(on, EvalSet) else EvalSet(on, on)
-        return evaluate(model, self.loaders.evaluation(which), self.autocast, self.ddp,
-                        classes=which.classes if which.mask else None)
+        return evaluate(model, self.loaders.evaluation(which), self.autocast, self.ddp, classes=which.mask)
 
     def batches(self, on: str):
         """The plain batches (un-augmented, in order) of the split named `on`."""
@@ -215,12 +215,15 @@ class Engine:
         checkpoint.save(state, self.run_dir / "checkpoints" / f"{name}.pt")
 
     # ---- the loop --------------------------------------------------------------------------------
-    def fit(self, resume: str | Path | None = None) -> dict:
-        """Run the method's stages. `resume`: a last.pt this engine wrote; training continues from there
-        exactly as if it had never stopped (see the module's docstring)."""
+    def fit(self, resume: str | Path | None = None, stages: list[Stage] | None = None) -> dict:
+        """Run `stages` (default: the method's own). `resume`: a last.pt this engine wrote; training continues
+        from there exactly as if it had never stopped (see the module's docstring).
+
+        The summary holds, beside the run's numbers, `stage_results`: each stage's evaluation after its last
+        epoch (every stage's last epoch is evaluated), in order."""
         self.fit_start = start = time.perf_counter()
         method = self.method
-        stages = method.stages(self.schedule.epochs)
+        stages = stages if stages is not None else method.stages(self.schedule.epochs)
         total_epochs = sum(s.epochs for s in stages)
         if total_epochs < 1 or any(s.epochs < 0 for s in stages):
             raise KdrunError(f"the {self.desc} run has {total_epochs} epochs to train "
@@ -254,7 +257,8 @@ class Engine:
                     p, state = self.progress, None
                 if len(stages) > 1:
                     log.info("%s: stage %d/%d '%s' (%d epochs)", self.desc, i + 1, len(stages), stage.name, stage.epochs)
-                while self.epoch < sum(s.epochs for s in stages[:i + 1]) and not self._done():
+                stage_end = sum(s.epochs for s in stages[:i + 1])
+                while self.epoch < stage_end and not self._done():
                     t0 = time.perf_counter()
                     samples, means = self._train_epoch(stage, i)
                     seconds = time.perf_counter() - t0
@@ -264,7 +268,8 @@ class Engine:
                     self.loader_state, self.batch_in_epoch = _loader_state(self.train_loader), 0
                     last_epoch, result = self.epoch == total_epochs or self._done(), None
                     snapshot = self.epoch in self.snapshot_epochs
-                    if last_epoch or snapshot or self.epoch % self.trainer.get("eval_every", 1) == 0:
+                    if (last_epoch or snapshot or self.epoch == stage_end
+                            or self.epoch % self.trainer.get("eval_every", 1) == 0):
                         p["result"] = result = self._evaluate(stage)
                         self.log({"epoch": self.epoch, **result})
                         if self._is_best(result):
@@ -275,6 +280,10 @@ class Engine:
                     if snapshot:
                         self.save(f"epoch_{self.epoch}", test_acc=p["result"].get("test/acc"))
                 method.on_stage_end(stage, self.loop)
+                p["stage_results"].append(p["result"])
+                nested = [f"{k[:-4]} {v:.4f}" for k, v in p["result"].items() if k.endswith("/acc") and k.count("/") > 1]
+                if nested:  # sets the epoch lines leave out (a scenario's per-experience sets)
+                    log.info("%s: after stage '%s': %s", self.desc, stage.name, "  ".join(nested))
                 if self._done():
                     break
         return {
@@ -285,6 +294,7 @@ class Engine:
             "epochs": self.epoch,
             "wall_s": round(p["wall_s"] + time.perf_counter() - start, 3),
             "train/samples_per_s": round(p["samples"] / p["train_time"], 1) if p["train_time"] else None,
+            "stage_results": p["stage_results"],
             **method.summary(),
         }
 
@@ -335,7 +345,7 @@ class Engine:
         """One console (and job log) line per epoch: the losses, the evaluation, the LR, the speed, the time."""
         terms = [f"{k[6:]} {v:.4f}" for k, v in means.items() if k != "train/loss"]
         losses = f" ({' '.join(terms)})" if len(terms) > 1 else ""
-        evaluation = "".join(f"  {k} {v:.4f}" for k, v in result.items() if k.endswith("/acc"))
+        evaluation = "".join(f"  {k} {v:.4f}" for k, v in result.items() if k.endswith("/acc") and k.count("/") == 1)
         log.info("%s epoch %d/%d  loss %.4f%s%s  lr %.3g  %.0f samples/s  %.0f s", self.desc, self.epoch, total,
                  means.get("train/loss", math.nan), losses, evaluation,
                  self.optimizer.param_groups[0]["lr"], samples_per_s, time.perf_counter() - self.fit_start)

@@ -13,12 +13,13 @@ from kdrun import dist
 def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, ddp: bool = False,
              classes: tuple[int, ...] | None = None) -> dict[str, float]:
     """Top-1 accuracy (a fraction) and mean cross-entropy of `model` over `loader` (over every rank's
-    shard of it with `ddp`); with `classes`, the logits of the other classes are masked out first."""
+    shard of it with `ddp`); with `classes`, the logits of the other classes are masked out first (the loss is
+    then None when some image's class is masked out: its cross-entropy is infinite)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss, count
-    keep = None
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct, loss, count, labels masked out
+    keep, hidden = None, None
     for batch in loader:
         with autocast():
             logits = model(batch["image"])
@@ -27,11 +28,14 @@ def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, dd
                 keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
                 keep[list(classes)] = True
             logits = logits.masked_fill(~keep, float("-inf"))
+            hidden = ~keep[batch["label"]]
+            totals[3] += hidden.sum()
         totals[0] += (logits.argmax(1) == batch["label"]).sum()
-        totals[1] += F.cross_entropy(logits.float(), batch["label"], reduction="sum")
+        loss = F.cross_entropy(logits.float(), batch["label"], reduction="none")
+        totals[1] += (loss if hidden is None else loss.masked_fill(hidden, 0)).sum()
         totals[2] += len(batch["label"])
     model.train(was_training)
     if ddp:
         dist.all_reduce_sum(totals)
-    correct, loss, n = totals.tolist()
-    return {"acc": correct / n, "loss": loss / n}
+    correct, loss, n, hidden = totals.tolist()
+    return {"acc": correct / n, "loss": None if hidden else loss / n}

@@ -46,6 +46,13 @@ class RunLogger:
         if self.wandb and self.log_model:
             self.wandb.log_model(str(path), name=f"model-{self.wandb.id}")
 
+    def image(self, name: str, path: Path) -> None:
+        """An image file the run wrote (a plot), sent to W&B."""
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(str(path))})
+
     def summary(self, summary: dict) -> None:
         if self.path:
             _write_json(self.path.with_name("summary.json"), summary)

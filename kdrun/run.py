@@ -12,7 +12,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import cache, data as kdata, dist, engine, models
+from kdrun import cache, data as kdata, dist, engine, models, scenario as kscenario
 from kdrun.errors import KdrunError
 from kdrun.loggers import RunLogger, plain_config
 from kdrun.methods.base import Method
@@ -62,6 +62,8 @@ class Job:
     data: kdata.Data
     loaders: kdata.Loaders
     teacher_acc: float | None
+    scenario: kscenario.Split | None = None  # a continual scenario, whose experiences are the run's stages
+    stages: list | None = None  # the stages to train (None: the method's own)
 
 
 def compose(cfg: DictConfig, device: torch.device, rank: int = 0, world: int = 1) -> Job:
@@ -71,6 +73,9 @@ def compose(cfg: DictConfig, device: torch.device, rank: int = 0, world: int = 1
     method_cls = get_class(cfg.method._target_)
     with dist.rank_zero_first():  # a download, or a teacher to train, happens once
         data = kdata.build(cfg.dataset)
+        scenario = instantiate(cfg.scenario) if cfg.get("scenario") else None
+        if scenario is not None:
+            scenario.setup(data)
         _check_before_training(cfg, data, method_cls)
         teacher, teacher_acc = get_teacher(cfg, data, device) if method_cls.needs_teacher else (None, None)
 
@@ -92,7 +97,8 @@ def compose(cfg: DictConfig, device: torch.device, rank: int = 0, world: int = 1
     loaders = kdata.Loaders(data, method.batch_spec, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
                             seed=cfg.seed, num_workers=cfg.trainer.num_workers, cache=method.teacher_cache, rank=rank,
                             world_size=world)
-    return Job(method, data, loaders, teacher_acc)
+    stages = scenario.stages(method, cfg.schedule.epochs) if scenario is not None else None
+    return Job(method, data, loaders, teacher_acc, scenario, stages)
 
 
 def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.device) -> dict | None:
@@ -112,13 +118,20 @@ def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.
     split = data.split_record()
     if main and split is not None:  # the validation and labeled/unlabeled positions
         (run_dir / "split.json").write_text(json.dumps(split) + "\n")
+    if main and job.scenario is not None:
+        (run_dir / "scenario.json").write_text(json.dumps(job.scenario.record()) + "\n")
     try:
         setup_s = time.perf_counter() - start
         summary = engine.train(method, job.loaders, cfg.schedule, cfg.trainer, run_dir=run_dir if main else None,
                                logger=logger, device=device, checkpoint_meta={"arch": models.arch(cfg.student, data)},
-                               ddp=world > 1, resume=last if last.is_file() else None)
+                               ddp=world > 1, resume=last if last.is_file() else None, stages=job.stages)
+        stage_results = summary.pop("stage_results")
         if not main:
             return None
+        if job.scenario is not None:
+            matrices = job.scenario.matrices(job.stages, stage_results)
+            summary.update(kscenario.summary(matrices))
+            kscenario.write(run_dir, job.scenario, matrices, logger)
         teacher = method.teacher
         summary = {
             **summary,
@@ -173,6 +186,10 @@ def format_summary(s: dict, run_dir) -> str:
     else:
         rows.append(f"  student  {s['student']:<14} params {k(s['student/params']):>7}   test acc {s['test/acc']:.4f}"
                     f"   (best {s['test/acc_best']:.4f})")
+    if "cl/class_il/acc" in s:
+        rows.append("  continual" + "".join(
+            f"   {p.replace('_', '-')} acc {s[f'cl/{p}/acc']:.4f}"
+            + (f" (bwt {s[f'cl/{p}/bwt']:+.4f})" if s[f"cl/{p}/bwt"] is not None else "") for p in kscenario.PROTOCOLS))
     rows.append(f"  time     {s['wall_s']:.1f} s   {s['steps']} steps   {s['train/samples_per_s']} train samples/s")
     rows.append(f"  run dir  {run_dir}")
     return "\n".join(rows)

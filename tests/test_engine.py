@@ -137,7 +137,7 @@ def test_bf16_autocast_runs_on_the_cpu(tmp_path):
 
 # ---- stages that own their data and their evaluation ---------------------------------------------------------
 OLD, NEW = tuple(range(5)), tuple(range(5, 10))
-SETS = (kdata.TEST, kdata.EvalSet("old", classes=OLD), kdata.EvalSet("old_task", classes=OLD, mask=True))
+SETS = (kdata.TEST, kdata.EvalSet("old", classes=OLD), kdata.EvalSet("old_task", classes=OLD, mask=OLD))
 
 
 class TwoExperiences(Supervised):

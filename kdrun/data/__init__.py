@@ -114,13 +114,13 @@ class Selection:
 @dataclass(frozen=True)
 class EvalSet:
     """A named evaluation set, reported as `<name>/acc` and `<name>/loss`: the images of `split` (train, test,
-    unlabeled) of `classes` (None: all); with `mask`, the logits are restricted to those classes (the
-    task-incremental protocol)."""
+    unlabeled) of `classes` (None: all); with `mask`, the logits are restricted to the classes it names (a
+    continual scenario's protocols: the classes seen so far, or one experience's classes)."""
 
     name: str
     split: str = "test"
     classes: tuple[int, ...] | None = None
-    mask: bool = False
+    mask: tuple[int, ...] | None = None
 
 
 TEST = EvalSet("test")

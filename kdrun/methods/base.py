@@ -73,6 +73,12 @@ class Method(nn.Module):
         """The phases of training for a schedule of `epochs` epochs; one stage by default. No side effects."""
         return [Stage("train", epochs)]
 
+    def experience_stages(self, epochs: int, experience: int) -> list[Stage]:
+        """Under a continual scenario (`kdrun.scenario`), the phases of training on experience `experience`
+        (0, 1, ...) for `epochs` epochs; the scenario gives them the experience's data and evaluation. By default
+        the method's own stages, the same for every experience."""
+        return self.stages(epochs)
+
     def on_stage_start(self, stage: Stage, loop) -> None:
         """Called by the engine before a stage's first step."""
 
