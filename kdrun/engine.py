@@ -79,8 +79,9 @@ class Loop:
 
     `autocast()`, `optimize(loss, optimizer=None, scheduler=None, params=None)` (backward, AMP scaling,
     clipping, DDP gradient sharing, the step), `make_optimizer(params, epochs, lr_scale=1.0)`,
-    `evaluate(model, on="test")` (a named evaluation set, or an `EvalSet`), `batches(on)` (the plain batches
-    of a named split, e.g. "unlabeled"), `log(row)`, `save(name, model, **meta)` (checkpoints/<name>.pt),
+    `evaluate(model, on="test")` (a named evaluation set, or an `EvalSet`), `batches(on, classes=None)` (the
+    plain batches of a named split, e.g. "unlabeled", or of its `classes`), `log(row)`, `save(name, model, **meta)`
+    (checkpoints/<name>.pt),
     and where the loop is: `step`, `epoch`, `steps_per_epoch`, `lr` (the current learning rate).
     """
 
@@ -197,9 +198,9 @@ class Engine:
         which = on if isinstance(on, EvalSet) else EvalSet(on, on)
         return evaluate(model, self.loaders.evaluation(which), self.autocast, self.ddp, classes=which.mask)
 
-    def batches(self, on: str):
-        """The plain batches (un-augmented, in order) of the split named `on`."""
-        return self.loaders.evaluation(EvalSet(on, on))
+    def batches(self, on: str, classes: tuple[int, ...] | None = None):
+        """The plain batches (un-augmented, in order) of the split named `on` (of `classes`: None, all)."""
+        return self.loaders.evaluation(EvalSet(on, on, classes))
 
     def log(self, row: dict) -> None:
         """A row of metrics.jsonl (and W&B) at the current step."""
