@@ -82,7 +82,7 @@ class Loop:
     `evaluate(model, on="test")` (a named evaluation set, or an `EvalSet`), `batches(on, classes=None)` (the
     plain batches of a named split, e.g. "unlabeled", or of its `classes`), `log(row)`, `save(name, model, **meta)`
     (checkpoints/<name>.pt),
-    and where the loop is: `step`, `epoch`, `steps_per_epoch`, `lr` (the current learning rate).
+    and where the loop is: `step`, `epoch`, `steps_per_epoch`, `lr` (the current learning rate), `optimizer`.
     """
 
     def __init__(self, engine: "Engine"):
@@ -111,6 +111,11 @@ class Loop:
     @property
     def lr(self) -> float:
         return self._engine.optimizer.param_groups[0]["lr"]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer the current stage trains with (what `optimize` steps by default)."""
+        return self._engine.optimizer
 
 
 class Engine:

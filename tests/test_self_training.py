@@ -138,7 +138,7 @@ def test_mpl_teacher_is_reinforced_exactly_when_its_pseudo_labels_help_the_stude
     nn.init.zeros_(student.weight)
     teacher = _SecondFeature(teacher_logits)
     method = MPL(student, teacher, randaugment=None, uda_weight=0.0, label_smoothing=0.0, unlabeled_ratio=1,
-                 pseudo_labels=pseudo_labels)
+                 pseudo_labels=pseudo_labels, feedback="first_order")
     batch = {"image": torch.tensor([[1.0, 0.0]]), "label": torch.tensor([0]),
              "unlabeled_image": torch.tensor([[1.0, 1.0]]), "unlabeled_index": torch.tensor([0])}
     engine = _engine(method, _Fixed([batch]), weight_decay=0.0)
@@ -151,6 +151,55 @@ def test_mpl_teacher_is_reinforced_exactly_when_its_pseudo_labels_help_the_stude
     assert metrics["h"].item() == pytest.approx(h_expected, abs=1e-6)
     assert (after > before) == (h_expected > 0) and after != before
     assert losses["teacher_ce"].item() == pytest.approx(F.cross_entropy(torch.zeros(1, 2), torch.tensor([0])).item())
+
+
+def _one_mpl_step(optimizer: dict, feedback: str, baseline: float = 0.0, steps: int = 1):
+    """`steps` MPL steps of a linear student on x_l = (1, 0) labelled 0 and x_u = (1, 1) labelled 0 by the
+    teacher, the student's optimizer `optimizer` (AdamW when it names no momentum, else SGD); returns the method,
+    its h per step and the student's labeled loss before each step and after the last."""
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(2, 2, bias=False), _SecondFeature([1.0, 0.0])
+    method = MPL(student, teacher, randaugment=None, uda_weight=0.0, label_smoothing=0.0, unlabeled_ratio=1,
+                 pseudo_labels="argmax", feedback=feedback, feedback_baseline=baseline)
+    batch = {"image": torch.tensor([[1.0, 0.0]]), "label": torch.tensor([0]),
+             "unlabeled_image": torch.tensor([[1.0, 1.0]]), "unlabeled_index": torch.tensor([0])}
+    cfg = make_cfg("dataset=digits", "schedule=sgd_cosine" if "momentum" in optimizer else "schedule=adamw_cosine")
+    engine = Engine(method, _Fixed([batch]), OmegaConf.merge(cfg.schedule, {"epochs": 1, "optimizer": optimizer}),
+                    cfg.trainer)
+    engine.train_loader = engine.loaders.train()
+    stage = method.stages(1)[0]
+    engine.optimizer, engine.scheduler = engine.make_optimizer(stage.params, 1)
+    method.on_stage_start(stage, engine.loop)
+    labeled = lambda: F.cross_entropy(student(batch["image"]), batch["label"]).item()  # noqa: E731
+    hs, losses = [], []
+    for _ in range(steps):
+        losses.append(labeled())
+        hs.append(method.step(batch, engine.loop)[1]["h"].item())
+    return method, hs, losses + [labeled()]
+
+
+def test_mpl_feedback_is_what_the_actual_step_did_to_the_labeled_loss_for_any_optimizer():
+    """`difference`: h = the labeled loss before the student's step less after it, whatever the optimizer (AdamW's
+    first step moves every weight by lr, whatever the gradient's size); for plain SGD it agrees with Eq. 12's
+    first-order estimate to O(lr^2); the moving-average baseline centres it."""
+    for optimizer in ({"lr": 0.05, "weight_decay": 0.0},
+                      {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}):
+        _, (h,), (before, after) = _one_mpl_step(optimizer, "difference")
+        assert h == pytest.approx(before - after, abs=1e-6) and h > 0
+    plain_sgd = {"lr": 0.01, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
+    _, (h_diff,), _ = _one_mpl_step(plain_sgd, "difference")
+    _, (h_first,), _ = _one_mpl_step(plain_sgd, "first_order")
+    assert h_diff == pytest.approx(h_first, rel=0.02) and h_diff != h_first
+    method, hs, losses = _one_mpl_step(plain_sgd, "difference", baseline=0.5, steps=2)
+    raw = [b - a for b, a in zip(losses, losses[1:])]
+    m1 = 0.5 * raw[0]
+    assert hs == pytest.approx([raw[0] - m1, raw[1] - (m1 + 0.5 * (raw[1] - m1))], abs=1e-6)
+    assert method.h_mean.item() == pytest.approx(m1 + 0.5 * (raw[1] - m1), abs=1e-6)  # checkpointed with the method
+
+
+def test_mpl_first_order_feedback_refuses_a_student_that_is_not_trained_by_sgd():
+    with pytest.raises(KdrunError, match="method.feedback=first_order .* trains with AdamW; use method.feedback=difference"):
+        _one_mpl_step({"lr": 0.05}, "first_order")
 
 
 @pytest.mark.parametrize("option, hint", [({"pseudo_labels": "soft"}, "use sample"),

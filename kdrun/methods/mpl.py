@@ -6,9 +6,17 @@ an unlabeled batch x_u (RandAugment-ed):
 1. the teacher's pseudo labels are sampled, y^_u ~ T(x_u; theta_T) (`pseudo_labels=sample`, the paper's; `argmax`
    takes the teacher's most likely class instead), and the student takes one step on them:
    theta'_S = theta_S - eta_S * grad CE(y^_u, S(x_u; theta_S))                          (Sec. 3.1)
-2. the student's feedback is the first-order effect of that step on its labeled loss (Eq. 12):
-   h = eta_S * grad_{theta'_S} CE(y_l, S(x_l; theta'_S)) . grad_{theta_S} CE(y^_u, S(x_u; theta_S))
-   so h > 0 when the step lowered the student's labeled loss;
+2. the student's feedback h is how much that step lowered its labeled loss, h > 0 when it did. The paper's
+   Eq. 12 is its first-order estimate for an SGD step theta'_S = theta_S - eta_S * g_u (`feedback=first_order`):
+   h = eta_S * grad_{theta'_S} CE(y_l, S(x_l; theta'_S)) . g_u,  g_u = grad_{theta_S} CE(y^_u, S(x_u; theta_S)).
+   Any other optimizer's step (Adam's is preconditioned) is not -eta_S * g_u, and the estimate can then have the
+   wrong sign, so `first_order` refuses a non-SGD student; momentum's first steps are larger than eta_S * g_u too.
+   The default, `feedback=difference`, measures what the actual step did, as the authors' released code does:
+   h = CE(y_l, S(x_l; theta_S)) - CE(y_l, S(x_l; theta'_S)), the first term from the same forward as the step's
+   loss (labeled and unlabeled images in one batch, as theirs), right for any optimizer. Their code centres h by
+   a moving average (`feedback_baseline`, their 0.01: m <- m + 0.01 (h - m), h <- h - m; 0 here by default), and
+   its sign is the opposite of Eq. 12's (the teacher's loss is their (new - old) times its CE; a known point of
+   their tracker's discussion): kdrun follows the paper's sign;
 3. the teacher descends  h * CE(y^_u, T(x_u))  (reinforcing y^_u when h > 0, Eq. 12), plus its own
    supervised CE(y_l, T(x_l)) (label smoothing) and, with `uda_weight`, UDA's consistency loss (Xie et al.
    2020): CE(sharpen(T(weak x_u), uda_temperature), T(x_u)) on the images whose un-sharpened confidence
@@ -19,6 +27,7 @@ labeled data and UDA; the student's learning rate is 0, so h = 0); "mpl", where 
 (warm-up, decay) starts; "finetune", the student on labeled data alone at `finetune_lr_scale` times the
 schedule's rate. Two optimizers and LR schedules, both stepped through `loop.optimize` so AMP holds: the
 engine's for the student, a stage at a time, and the method's own for the teacher, over "wait" and "mpl".
+Not here, of the authors' code: an EMA of the student for evaluation (`trainer.ema_decay` gives one).
 """
 
 import torch
@@ -30,24 +39,35 @@ from kdrun.data.semi import Stream
 from kdrun.errors import KdrunError
 from kdrun.methods.base import Method, Stage, accuracy
 
+FEEDBACKS = ("difference", "first_order")
+
 
 def feedback(labeled_grads, unlabeled_grads, lr: float) -> torch.Tensor:
     """h of Eq. 12: lr * <grad of the updated student's labeled loss, grad of its unlabeled loss>."""
     dot = sum((a.float() * b.float()).sum() for a, b in zip(labeled_grads, unlabeled_grads)
               if a is not None and b is not None)
-    return torch.nan_to_num(lr * torch.as_tensor(dot), nan=0.0, posinf=0.0, neginf=0.0)  # a skipped fp16 step
+    return lr * torch.as_tensor(dot)
 
 
 class MPL(Method):
+    ranges = {"unlabeled_ratio": "(0, inf)", "label_smoothing": "[0, 1]", "uda_weight": "[0, inf)",
+              "uda_temperature": "(0, inf)", "uda_threshold": "[0, 1]", "uda_ramp": "[0, 1)",
+              "student_wait": "[0, 1)", "finetune_epochs": "[0, inf)", "finetune_lr_scale": "(0, inf)",
+              "feedback_baseline": "[0, 1]"}
     trains_teacher = True
 
     def __init__(self, student, teacher, unlabeled_ratio: float = 7.0, randaugment: dict | None = None,
                  label_smoothing: float = 0.15, uda_weight: float = 8.0, uda_temperature: float = 0.7,
                  uda_threshold: float = 0.6, uda_ramp: float = 0.017, student_wait: float = 0.01,
-                 finetune_epochs: int = 1, finetune_lr_scale: float = 0.1, pseudo_labels: str = "sample"):
+                 finetune_epochs: int = 1, finetune_lr_scale: float = 0.1, pseudo_labels: str = "sample",
+                 feedback: str = "difference", feedback_baseline: float = 0.0):
         super().__init__(student, teacher)
         if pseudo_labels not in ("sample", "argmax"):
             raise KdrunError(f"method.pseudo_labels={pseudo_labels}; use sample (the paper's) or argmax")
+        if feedback not in FEEDBACKS:
+            raise KdrunError(f"method.feedback={feedback}; use difference (any optimizer) or first_order (Eq. 12, SGD)")
+        self.feedback, self.feedback_baseline = feedback, feedback_baseline
+        self.register_buffer("h_mean", torch.zeros(()))  # the moving average that centres h (feedback_baseline)
         self.pseudo_labels = pseudo_labels
         for name, value in (("uda_ramp", uda_ramp), ("student_wait", student_wait)):
             if not 0 <= value < 1:
@@ -75,6 +95,10 @@ class MPL(Method):
 
     def on_stage_start(self, stage, loop):
         self.phase = stage.name
+        if stage.name == "mpl" and self.feedback == "first_order" and not isinstance(loop.optimizer, torch.optim.SGD):
+            raise KdrunError(f"method.feedback=first_order is Eq. 12's estimate for an SGD student, but this one trains "
+                             f"with {type(loop.optimizer).__name__}; use method.feedback=difference, or an SGD schedule "
+                             "(schedule=sgd_cosine)")
         if stage.name != "finetune" and self.teacher_optimizer is None:  # one schedule over "wait" and "mpl"
             epochs = stage.info["teacher_epochs"]
             self.uda_steps = round(self.uda_ramp * epochs * loop.steps_per_epoch)
@@ -123,7 +147,28 @@ class MPL(Method):
         return losses, {"h": h, "teacher_acc": accuracy(t_x, y)}
 
     def _student_step(self, loop, u, pseudo, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """The student's step on the pseudo labels; its loss, and h (Eq. 12) from the gradients around it."""
+        """The student's step on the pseudo labels; its loss, and h (see the module's docstring), centred."""
+        h_fn = self._difference if self.feedback == "difference" else self._first_order
+        loss, h = h_fn(loop, u, pseudo, x, y)
+        h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)  # a skipped fp16 step
+        if self.feedback_baseline:
+            self.h_mean += self.feedback_baseline * (h - self.h_mean)
+            h = h - self.h_mean
+        return loss, h
+
+    def _difference(self, loop, u, pseudo, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = the student's labeled loss before its step less after it."""
+        with loop.autocast():
+            logits = self.student(torch.cat([x, u]))
+            loss = F.cross_entropy(logits[len(x):], pseudo)
+        before = F.cross_entropy(logits[:len(x)].detach().float(), y)
+        loop.optimize(loss)
+        with torch.no_grad():
+            after = F.cross_entropy(self.student(x).float(), y)
+        return loss.detach(), before - after
+
+    def _first_order(self, loop, u, pseudo, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """h of Eq. 12, from the gradients around the step."""
         params = [p for p in self.student.parameters() if p.requires_grad]
         with loop.autocast():
             loss = F.cross_entropy(self.student(u), pseudo)
