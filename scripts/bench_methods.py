@@ -9,8 +9,8 @@ loop)`: forward, losses, backward and optimizer step. A method of several stages
 (`fitnet/hint`, `fitnet/kd`, ...). All setups run in one process, after a few warm-up steps each: a turn is
 `steps` rounds of one step of every setup; the table gives the median over `repeats` turns of ms/step and of
 the ratios to supervised and KD within a turn.
-The self-training methods (pseudo_label, noisy_student, mpl, data_distillation) need a labeled split and are
-left out.
+The self-training methods (pseudo_label, offline_pseudo_label, noisy_student, mpl, data_distillation) need a
+labeled split and are left out.
 """
 
 import argparse
@@ -28,7 +28,7 @@ from kdrun.engine import Engine
 from kdrun.models.ensemble import Ensemble
 from kdrun.run import seed_everything
 
-SELF_TRAINING = {"pseudo_label", "noisy_student", "mpl", "data_distillation"}
+SELF_TRAINING = {"pseudo_label", "offline_pseudo_label", "noisy_student", "mpl", "data_distillation"}
 # methods that cannot run on the default pair, and what they run on instead (compared with a KD step on that)
 FALLBACK = {"fsp": ["student=cnn"], "kdsvd": ["student=cnn"], "multi_teacher": ["teachers=[cnn,cnn]"]}
 CONF = Path(__file__).parents[1] / "conf"

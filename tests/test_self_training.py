@@ -17,6 +17,7 @@ from kdrun.errors import KdrunError
 from kdrun.methods.data_distillation import DataDistillation, zoom
 from kdrun.methods.mpl import MPL
 from kdrun.methods.noisy_student import NoisyStudent
+from kdrun.methods.online_pseudo_label import OnlinePseudoLabel, alpha
 from kdrun.run import run
 from kdrun.teacher import cache_key
 
@@ -229,8 +230,35 @@ def test_mpl_keeps_its_teacher_and_teacher_optimizer_in_its_state():
     assert torch.equal(fresh.teacher_optimizer.state_dict()["state"]["x"]["momentum_buffer"], torch.ones(1))
 
 
+def test_lees_alpha_ramps_from_t1_to_t2():
+    assert [alpha(e, 3.0, 100, 600) for e in (0, 99.9, 100, 350, 600, 900)] == pytest.approx([0, 0, 0, 1.5, 3, 3])
+
+
+def test_online_pseudo_label_trains_on_its_own_current_argmax_weighted_by_alpha():
+    """Lee's loss on fixed tensors: CE on the labeled image plus alpha(t) times CE against the network's own argmax
+    in the same forward; after a step that flips the network's prediction on u, the next pseudo label flips too."""
+    net = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.9]]))
+    method = OnlinePseudoLabel(net, alpha_f=3.0, t1=1, t2=3)
+    batch = {"image": torch.tensor([[0.0, 1.0]]), "label": torch.tensor([0]),
+             "unlabeled_image": torch.tensor([[1.0, 1.0]]), "unlabeled_index": torch.tensor([0])}
+    method.epoch = 2.0  # halfway up the ramp: alpha = 1.5
+    losses, metrics = method.training_step(batch)
+    logits_x, logits_u = torch.tensor([[0.0, 0.9]]), torch.tensor([[1.0, 0.9]])  # u's argmax: class 0
+    assert losses["ce"].item() == pytest.approx(F.cross_entropy(logits_x, torch.tensor([0])).item())
+    assert losses["pseudo"].item() == pytest.approx(1.5 * F.cross_entropy(logits_u, torch.tensor([0])).item())
+    assert metrics["alpha"].item() == 1.5
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[0.0, 0.0], [0.0, 0.9]]))  # now u's argmax is class 1
+    losses, _ = method.training_step(batch)
+    assert losses["pseudo"].item() == pytest.approx(1.5 * F.cross_entropy(torch.tensor([[0.0, 0.9]]),
+                                                                          torch.tensor([1])).item())
+
+
 @pytest.mark.parametrize("method, extra", [
-    ("pseudo_label", []),
+    ("offline_pseudo_label", []),
+    ("pseudo_label", ["method.t1=0.25", "method.t2=0.75", "trainer.log_every=1"]),
     ("noisy_student", ["method.iterations=2", "method.threshold=0.1", "student.drop_rate=0.3"]),
     ("data_distillation", ["method.flip=false"]),
     ("mpl", ["schedule.epochs=2", "method.student_wait=0.5", "method.uda_ramp=0.5", "trainer.max_steps=9"]),
@@ -257,6 +285,9 @@ def test_each_method_runs_end_to_end_on_digits(tmp_path, method, extra):
         assert 0 <= summary["mpl/teacher_test_acc"] <= 1
         assert any("train/h" in r for r in rows)
         assert "_extra_state" in torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["method"]
+    elif method == "pseudo_label":  # Lee's: no teacher; alpha(t) logged as it ramps over the epoch
+        alphas = [r["train/alpha"] for r in rows if "train/alpha" in r]
+        assert alphas == sorted(alphas) and alphas[0] < alphas[-1] <= 3.0 and summary["teacher"] is None
     else:
         assert any("pseudo/acc" in r for r in rows) and summary["teacher/test_acc"] is not None
         teacher = torch.load(Path(cfg.paths.cache_dir) / "teachers" / cache_key(cfg) / "teacher.pt", weights_only=True)
