@@ -16,6 +16,7 @@ those fields, has the expected shapes and matches its checksum; otherwise kdrun 
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from kdrun.methods.base import Method
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+PROGRESS_EVERY_S = 10.0  # a progress line at most this often while the teacher's outputs are computed
 
 
 class TeacherCache:
@@ -197,20 +199,42 @@ def compute(teacher: torch.nn.Module, data: kdata.Data, stored: StoredViews | No
         out = torch.empty(n, *(() if stored is None else (stored.k,)), *per_image)
         chunks = [(v, idx) for v in range(views.k if views else 1)
                   for idx in torch.arange(n, device=device).split(batch_size)]
+        progress = _progress(len(chunks))
         for v, idx in tqdm(chunks, desc="teacher cache", disable=None, leave=False):
             if views is None:
                 out[idx.cpu()] = teacher(normalize(images.index_select(0, idx))).float().cpu()
             else:
                 x = views.render(images, idx, torch.full_like(idx, v), augment, normalize)
                 out[idx.cpu(), v] = teacher(x).float().cpu()
+            progress()
     else:
         _, test_tf = kdata.folder_transforms(data)
         out = torch.empty(n, *per_image)
-        for batch in tqdm(FolderLoader(train, test_tf, batch_size, normalize, device), desc="teacher cache",
-                          disable=None, leave=False):
+        loader = FolderLoader(train, test_tf, batch_size, normalize, device)
+        progress = _progress(len(loader))
+        for batch in tqdm(loader, desc="teacher cache", disable=None, leave=False):
             out[batch["index"].cpu()] = teacher(batch["image"]).float().cpu()
+            progress()
     teacher.train(was_training)
     return out
+
+
+def _progress(total: int):
+    """A function to call after each of `total` batches: it logs how far the computation is at most every
+    PROGRESS_EVERY_S seconds (tqdm's bar shows on a terminal only), and the time taken after the last batch."""
+    start = last = time.perf_counter()
+    done = 0
+
+    def step() -> None:
+        nonlocal done, last
+        done, now = done + 1, time.perf_counter()
+        if done == total:
+            log.info("teacher cache: %d batches computed in %.1f s", total, now - start)
+        elif now - last >= PROGRESS_EVERY_S:
+            log.info("teacher cache: %d/%d batches (%.0f%%), %.0f s", done, total, 100 * done / total, now - start)
+            last = now
+
+    return step
 
 
 def _what(n: int, k: int | None) -> str:

@@ -2,12 +2,59 @@
 
 import signal
 import sys
+import textwrap
+from importlib.resources import files
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+
+HELP_WIDTH = 100
+
+
+def entry() -> None:
+    """The `kdrun` console command: `kdrun --version` prints kdrun's version (Hydra owns the rest of the command
+    line and knows no such flag); anything else goes to Hydra and `main`."""
+    if "--version" in sys.argv[1:]:
+        print(f"kdrun {version()}")
+        return
+    main()
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("kdrun")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from kdrun import __version__
+
+        return __version__
+
+
+def config_groups(width: int = HELP_WIDTH) -> str:
+    """`kdrun --help`'s list of config groups and their options (conf/), without private presets (names starting
+    with `_`, which other presets include), wrapped to `width` columns."""
+    root = files("kdrun.conf")
+    groups: dict[str, list[str]] = {}
+
+    def walk(folder, prefix: str) -> None:
+        for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+            hidden = entry.name.startswith(("_", ".")) or (prefix == "" and entry.name == "hydra")
+            if entry.is_dir() and not hidden:
+                walk(entry, f"{prefix}{entry.name}/")
+            elif entry.name.endswith(".yaml") and not entry.name.startswith("_") and prefix:
+                groups.setdefault(prefix[:-1], []).append(entry.name[:-5])
+
+    walk(root, "")
+    return "\n".join(textwrap.fill(", ".join(options), width, initial_indent=f"{group}: ", subsequent_indent="    ",
+                                   break_on_hyphens=False) for group, options in sorted(groups.items()))
+
+
+OmegaConf.register_new_resolver("kdrun_config_groups", lambda: config_groups(), replace=True)  # conf/hydra/help
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdrun.conf", config_name="config")
@@ -17,7 +64,8 @@ def main(cfg: DictConfig) -> float | None:
     recorded (its run dir's error.txt, the sweep summary) and returns NaN, so the sweep goes on and an Optuna
     search marks the trial failed."""
     from kdrun.engine import Interrupted  # heavy imports after Hydra has handled --help / --cfg
-    from kdrun.errors import KdrunError
+    from kdrun import rundir
+    from kdrun.errors import KdrunError, write_error
     from kdrun.run import format_summary, run
     from kdrun.sweep import record_failure
 
@@ -38,11 +86,20 @@ def main(cfg: DictConfig) -> float | None:
         print(f"kdrun: stopped by {signal.Signals(e.signum).name}; {where}; run the same command with "
               f"hydra.run.dir={run_dir} to continue", file=sys.stderr)
         sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C before training (in training it stops with a checkpoint, as above)
+        if sweep:
+            raise
+        rundir.restore(hc.runtime.output_dir)
+        print("kdrun: stopped by SIGINT before training began; nothing to continue", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except Exception as e:
+        if isinstance(e, OSError) and write_error(e) is not None:
+            e = write_error(e)  # a full disk, a read-only folder: one sentence
         if not (sweep or isinstance(e, KdrunError)):
             raise
         print(f"kdrun: error: {e}", file=sys.stderr)
         if not sweep:
+            rundir.restore(hc.runtime.output_dir)  # a run refused before it trained leaves its run dir as it was
             sys.exit(1)
         record_failure(run_dir, e, user_error=isinstance(e, KdrunError))
         return float("nan")

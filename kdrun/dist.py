@@ -113,7 +113,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def launch(fn, nprocs: int, *args, log_config: dict | None = None) -> None:
     """Run `fn(*args)` in `nprocs` fresh processes that form one process group on this machine.
 
-    SIGTERM/SIGUSR1 sent to this process are passed on to the ranks (which checkpoint and stop); an
+    SIGTERM/SIGUSR1/SIGINT sent to this process are passed on to the ranks (which checkpoint and stop); an
     exception raised by a rank is raised here.
     """
     ctx = mp.get_context("spawn")
@@ -127,7 +127,8 @@ def launch(fn, nprocs: int, *args, log_config: dict | None = None) -> None:
                 os.kill(p.pid, signum)
 
     main_thread = threading.current_thread() is threading.main_thread()  # where Python lets handlers be set
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)} if main_thread else {}
+    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # kdrun.engine.STOP_SIGNALS, for `kill -INT` too
+    previous = {s: signal.signal(s, forward) for s in stops} if main_thread else {}
     try:
         while not procs.join(grace_period=30):
             pass

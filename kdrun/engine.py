@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from kdrun import checkpoint, dist
@@ -38,7 +39,7 @@ from kdrun.methods.base import Method, Stage
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before preempting a job
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # what SLURM sends before preempting a job; Ctrl-C
 
 
 class Interrupted(Exception):
@@ -82,7 +83,8 @@ class Loop:
     `evaluate(model, on="test")` (a named evaluation set, or an `EvalSet`), `batches(on, classes=None)` (the
     plain batches of a named split, e.g. "unlabeled", or of its `classes`), `log(row)`, `save(name, model, **meta)`
     (checkpoints/<name>.pt),
-    and where the loop is: `step`, `epoch`, `steps_per_epoch`, `lr` (the current learning rate), `optimizer`.
+    and where the loop is: `step`, `epoch`, `steps_per_epoch`, `lr` (the current learning rate), `optimizer`,
+    `run_dir` (None when the run writes no files).
     """
 
     def __init__(self, engine: "Engine"):
@@ -111,6 +113,11 @@ class Loop:
     @property
     def lr(self) -> float:
         return self._engine.optimizer.param_groups[0]["lr"]
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run's directory, for files a method writes beside its checkpoints (None: a run that writes none)."""
+        return self._engine.run_dir
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -148,6 +155,12 @@ class Engine:
         self.snapshot_epochs = set(trainer.get("snapshot_epochs") or ())  # keep checkpoints/epoch_N.pt after these
         self.checkpoint_every = trainer.get("checkpoint_every_steps") or None
         self.grad_clip = trainer.get("grad_clip")  # read once: a config lookup per step costs more than it seems
+        self.accumulate = int(trainer.get("accumulate_grad_batches", 1) or 0)  # batches per optimizer step
+        self.ema_decay = trainer.get("ema_decay")  # evaluate and checkpoint an EMA of the method's eval_model()
+        self.ema = None  # its torch.optim.swa_utils.AveragedModel, restarted with each fresh optimizer
+        if self.accumulate < 1 or self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise KdrunError(f"trainer.accumulate_grad_batches={self.accumulate}, trainer.ema_decay={self.ema_decay}; "
+                             "give a positive number of batches, and a decay in [0, 1) such as 0.999 or null")
         self.ddp = ddp
         self.world = dist.world_size() if ddp else 1
         self.step = 0
@@ -161,7 +174,7 @@ class Engine:
         self.batch_in_epoch = 0
         self.progress = {"best": {}, "result": {}, "stage_results": [], "stale_evaluations": 0, "stopped_early": None,
                          "train_time": 0.0, "samples": 0, "wall_s": 0.0}
-        self.signal = None  # set by SIGTERM/SIGUSR1 while fitting
+        self.signal = None  # set by SIGTERM/SIGUSR1/SIGINT while fitting
 
     # ---- what a method may use, through `Loop` ---------------------------------------------------
     def autocast(self):
@@ -170,11 +183,22 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def optimize(self, loss: torch.Tensor, optimizer=None, scheduler=None, params=None) -> None:
-        """Backward of `loss` (scaled under fp16), optional clipping, optimizer and LR-schedule step."""
-        optimizer = optimizer or self.optimizer
-        scheduler = scheduler or self.scheduler
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        """Backward of `loss` (scaled under fp16), optional clipping, optimizer and LR-schedule step (by default
+        the loop's optimizer and schedule; a method's own optimizer steps its own `scheduler`, if any). With
+        `trainer.accumulate_grad_batches=N` the loss is divided by N and the step taken every N batches (and at
+        the epoch's end); with `trainer.ema_decay` each step of the loop's optimizer updates the EMA."""
+        if self.accumulate > 1 and optimizer not in (None, self.optimizer):
+            raise KdrunError(f"trainer.accumulate_grad_batches={self.accumulate}, but {type(self.method).__name__} "
+                             "steps an optimizer of its own, which cannot accumulate; use accumulate_grad_batches=1")
+        if optimizer is None or optimizer is self.optimizer:  # the loop's: its LR schedule steps with it
+            optimizer, scheduler = self.optimizer, scheduler or self.scheduler
+        if self.batch_in_epoch % self.accumulate == 0:  # the first batch of an accumulation window
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
+        trained = self.batch_in_epoch + 1  # batches of the epoch, this one included
+        if not (trained % self.accumulate == 0 or trained == len(self.train_loader)
+                or (self.max_steps is not None and self.step + 1 >= self.max_steps)):
+            return
         if self.ddp:
             dist.all_reduce_mean([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
         if self.grad_clip:
@@ -185,6 +209,8 @@ class Engine:
         self.scaler.update()
         if scheduler is not None:
             scheduler.step()
+        if self.ema is not None and optimizer is self.optimizer:
+            self.ema.update_parameters(self.method.eval_model())
 
     def make_optimizer(self, params, epochs: int, lr_scale: float = 1.0, steps_per_epoch: int | None = None):
         """An optimizer from the `schedule` config (its learning rate times `lr_scale`) and its per-step LR
@@ -192,7 +218,7 @@ class Engine:
         optimizer = instantiate(self.schedule.optimizer, params=params)
         for group in optimizer.param_groups:
             group["lr"] *= lr_scale
-        steps_per_epoch = steps_per_epoch or len(self.train_loader)
+        steps_per_epoch = math.ceil((steps_per_epoch or len(self.train_loader)) / self.accumulate)  # optimizer steps
         total = epochs * steps_per_epoch
         schedule = OmegaConf.to_container(self.schedule, resolve=True)  # read per step: a plain dict is far faster
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, total, steps_per_epoch))
@@ -215,10 +241,14 @@ class Engine:
         """checkpoints/<name>.pt: `model` (default: the method's result) with the run's metadata and `extra`."""
         if self.run_dir is None:
             return
-        model = model if model is not None else self.method.eval_model()
+        model = model if model is not None else self.result_model()
         state = {"model": model.state_dict(), **self.checkpoint_meta, "epoch": self.epoch, "step": self.step,
                  **{k: v for k, v in extra.items() if v is not None}}
         checkpoint.save(state, self.run_dir / "checkpoints" / f"{name}.pt")
+
+    def result_model(self) -> torch.nn.Module:
+        """What is evaluated and checkpointed: the method's `eval_model()`, or its EMA with `trainer.ema_decay`."""
+        return self.ema.module if self.ema is not None else self.method.eval_model()
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self, resume: str | Path | None = None, stages: list[Stage] | None = None) -> dict:
@@ -257,6 +287,9 @@ class Engine:
                                      "or more images")
                 if stage.fresh_optimizer or self.optimizer is None:
                     self.optimizer, self.scheduler = self.make_optimizer(*self._optimizer_span(stages, i))
+                    if self.ema_decay is not None:  # the first update copies the weights
+                        self.ema = AveragedModel(method.eval_model(), multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay),
+                                                 use_buffers=True)
                 method.on_stage_start(stage, self.loop)
                 if state is not None:
                     self._restore(state)
@@ -341,7 +374,7 @@ class Engine:
 
     def _evaluate(self, stage: Stage) -> dict[str, float]:
         """`<set>/acc` and `<set>/loss` of the method's result on each of the stage's evaluation sets."""
-        model = self.method.eval_model()
+        model = self.result_model()
         if self.ddp:
             dist.broadcast(model.buffers())  # BatchNorm statistics: rank 0's, the ones checkpointed
         sets = stage.evaluate if stage.evaluate is not None else self.loaders.data.evaluation_sets()
@@ -375,12 +408,12 @@ class Engine:
             for i, batch in enumerate(self.train_loader, 1):
                 if i <= skip:
                     continue  # a resumed epoch: the loader's draws are replayed, these batches were trained on
-                if self.channels_last:
+                if self.channels_last and "image" in batch:
                     batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
                 losses, metrics = method.step(batch, self.loop)
                 window.append({k: v.detach() for k, v in (*losses.items(), *metrics.items())})  # summed per row
                 loss_keys.update(dict.fromkeys(losses))
-                samples += len(batch["label"])
+                samples += _batch_size(batch)
                 self.step += 1
                 self.batch_in_epoch = i
                 bar.update()
@@ -390,10 +423,10 @@ class Engine:
                     now = time.perf_counter()
                     row, stop = self._reduce(window)
                     row = {"train/loss": sum(row[f"train/{k}"] for k in loss_keys), **row}  # the mean of the totals
-                    self._check_finite(row["train/loss"])
+                    self._check_finite(row)
                     row.update({"epoch": self.epoch + i / n_batches, "train/stage": stage_index,
                                 "train/lr": self.optimizer.param_groups[0]["lr"],
-                                "train/samples_per_s": len(window) * len(batch["label"]) * self.world / (now - t_log)})
+                                "train/samples_per_s": len(window) * _batch_size(batch) * self.world / (now - t_log)})
                     self.log(row)
                     for k in ("train/loss", *(f"train/{k}" for k in loss_keys)):
                         sums[k] = sums.get(k, 0.0) + row[k] * len(window)
@@ -423,7 +456,8 @@ class Engine:
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
-        """SIGTERM/SIGUSR1 (a preemption's warning) stop training after the current step, with a checkpoint."""
+        """SIGTERM/SIGUSR1 (a preemption's warning) and SIGINT (Ctrl-C) stop training after the current step, with
+        a checkpoint."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -438,11 +472,19 @@ class Engine:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def _check_finite(self, loss: float) -> None:
-        if not math.isfinite(loss):
-            where = f"; the last good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'}" if self.run_dir else ""
-            raise KdrunError(f"the training loss became {loss} by step {self.step}{where}; lower the learning rate "
-                             "(schedule.optimizer.lr), set trainer.grad_clip, or use trainer.precision=32")
+    def _check_finite(self, row: dict[str, float]) -> None:
+        """Stop on a non-finite loss: one sentence naming the terms, the checkpoint to go back to (if any) and
+        what to change (the method's hint where it has one, else the optimisation's usual suspects)."""
+        loss = row["train/loss"]
+        if math.isfinite(loss):
+            return
+        terms = ", ".join(k for k, v in row.items() if k != "train/loss" and not math.isfinite(v))
+        last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None
+        where = f"the last good checkpoint is {last}" if last and last.is_file() else "no checkpoint was written yet"
+        hint = self.method.nan_hint() or ("lower the learning rate (schedule.optimizer.lr), set trainer.grad_clip, or "
+                                          "use trainer.precision=32")
+        raise KdrunError(f"the training loss became {loss} by step {self.step}{f' ({terms})' if terms else ''}; "
+                         f"{where}; {hint}")
 
     def _save_last(self) -> None:
         """last.pt: the run's result so far and everything `_restore` needs to continue it (the current
@@ -453,8 +495,18 @@ class Engine:
         self.save("last", test_acc=self.progress["result"].get("test/acc"), method=self.method.state_dict(),
                   optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                   scaler=self.scaler.state_dict(), stage=self.stage_index, batch_in_epoch=self.batch_in_epoch,
-                  loaders=loaders, rng=_rng_state(),
+                  loaders=loaders, rng=_rng_state(), ema=self.ema.state_dict() if self.ema is not None else None,
+                  grads=self._pending_grads(),
                    progress={**self.progress, "wall_s": self.progress["wall_s"] + time.perf_counter() - self.fit_start})
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _pending_grads(self) -> list | None:
+        """The gradients accumulated so far when a checkpoint falls inside an accumulation window."""
+        if self.batch_in_epoch % self.accumulate == 0:
+            return None
+        return [p.grad for p in self._params()]
 
     def _restore(self, state: dict) -> None:
         if "method" not in state or "loaders" not in state:
@@ -468,6 +520,10 @@ class Engine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        for p, g in zip(self._params(), state.get("grads") or ()):
+            p.grad = g
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.progress = state["progress"]
         self.loaders.load_state_dict({k: v for k, v in state["loaders"].items() if v is not None})
@@ -484,6 +540,11 @@ def _best_summary(best: dict, last: dict) -> dict:
         out.update({"val/acc": last.get("val/acc"), "val/acc_best": best["val/acc"]["acc"],
                     "val/best_epoch": best["val/acc"]["epoch"], "test/acc_at_best_val": best["val/acc"]["test/acc"]})
     return out
+
+
+def _batch_size(batch: dict) -> int:
+    """The images a batch trains on: its labels, or the `size` of a batch that carries none (`StepClock`)."""
+    return len(batch["label"]) if "label" in batch else batch["size"]
 
 
 def _loader_state(loader) -> dict | None:

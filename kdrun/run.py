@@ -1,5 +1,6 @@
 """One run: compose the pieces the config names, train them with the engine, write the summary."""
 
+import contextlib
 import json
 import logging
 import random
@@ -12,10 +13,11 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import cache, data as kdata, dist, engine, models, scenario as kscenario
+from kdrun import cache, cost, data as kdata, dist, engine, models, rundir, scenario as kscenario, validate
 from kdrun.errors import KdrunError
 from kdrun.loggers import RunLogger, plain_config
 from kdrun.methods.base import Method
+from kdrun import teacher as kteacher
 from kdrun.teacher import get_teacher
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,17 @@ def run(cfg: DictConfig, run_dir: str | Path, method_name: str | None = None, lo
     With `trainer.devices=N` (N > 1) outside torchrun, this starts N ranks (`kdrun.dist`), each logging
     with `log_config` (Hydra's job logging), and waits for them.
     """
-    devices = int(cfg.trainer.get("devices", 1))
-    if devices > 1 and not dist.launched():
-        dist.launch(run, devices, OmegaConf.create(plain_config(cfg)), str(run_dir), method_name, log_config=log_config)
-        return json.loads((Path(run_dir) / "summary.json").read_text())
-    with dist.process_group(resolve_device(str(cfg.trainer.device))) as device:
-        return _run(cfg, Path(run_dir), method_name, device)
+    validate.check(cfg)  # every field, before any data is read, teacher trained or file written
+    # one process per run dir (the ranks of a run share their launcher's hold), continuing only the run that wrote it
+    with contextlib.nullcontext() if dist.launched() else rundir.lock(run_dir):
+        rundir.check_same_run(cfg, run_dir)
+        devices = int(cfg.trainer.get("devices", 1))
+        if devices > 1 and not dist.launched():
+            dist.launch(run, devices, OmegaConf.create(plain_config(cfg)), str(run_dir), method_name,
+                        log_config=log_config)
+            return json.loads((Path(run_dir) / "summary.json").read_text())
+        with dist.process_group(resolve_device(str(cfg.trainer.device))) as device:
+            return _run(cfg, Path(run_dir), method_name, device)
 
 
 @dataclass
@@ -114,16 +121,21 @@ def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.
     method, data = job.method, job.data
     main = rank == 0
     last = run_dir / "checkpoints" / "last.pt"
-    logger = RunLogger(run_dir, cfg.logger, plain_config(cfg)) if main else RunLogger(None)
+    logger = RunLogger(run_dir, cfg.logger, plain_config(cfg), job_type="distill" if method.teacher is not None
+                       else "train") if main else RunLogger(None)
     split = data.split_record()
     if main and split is not None:  # the validation and labeled/unlabeled positions
         (run_dir / "split.json").write_text(json.dumps(split) + "\n")
     if main and job.scenario is not None:
         (run_dir / "scenario.json").write_text(json.dumps(job.scenario.record()) + "\n")
     try:
+        teacher_file = kteacher.teacher_file(cfg, data) if main and method.needs_teacher else None
+        if teacher_file is not None and teacher_file.is_file():  # W&B's lineage: the teacher's artifact is an input
+            logger.use_teacher(teacher_file, kteacher.artifact_name(cfg))
         setup_s = time.perf_counter() - start
+        meta = {"arch": models.arch(cfg.student, data), "config": rundir.identity(cfg)}  # config: see check_same_run
         summary = engine.train(method, job.loaders, cfg.schedule, cfg.trainer, run_dir=run_dir if main else None,
-                               logger=logger, device=device, checkpoint_meta={"arch": models.arch(cfg.student, data)},
+                               logger=logger, device=device, checkpoint_meta=meta,
                                ddp=world > 1, resume=last if last.is_file() else None, stages=job.stages)
         stage_results = summary.pop("stage_results")
         if not main:
@@ -142,11 +154,13 @@ def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.
             "teacher": (getattr(teacher, "name", None) or cfg.teacher.name) if teacher is not None else None,
             "student/params": n_params(method.student),
             "teacher/params": n_params(teacher) if teacher is not None else None,
+            **_costs(method.student, teacher, data),
+            **job.loaders.summary(),
             "seed": cfg.seed,
             "wall_s": round(setup_s + summary["wall_s"], 3),  # summed over the sessions of a resumed run
         }
         logger.summary(summary)
-        logger.checkpoint(last)
+        logger.checkpoint(run_dir / "checkpoints" / "best.pt")
     finally:
         logger.close()
     return summary
@@ -171,6 +185,16 @@ def _check_classes(teacher: torch.nn.Module, student: torch.nn.Module, data: kda
                          f"trained on {data.name} (teacher.checkpoint) or leave teacher.checkpoint unset to train one")
 
 
+def _costs(student: torch.nn.Module, teacher: torch.nn.Module | None, data: kdata.Data) -> dict:
+    """The student's and the teacher's FLOPs and batch-1 latency on the run's device (`kdrun.cost`)."""
+    shape = (data.in_chans, data.image_size, data.image_size)
+    costs = {}
+    for role, model in (("student", student), ("teacher", teacher)):
+        costs[f"{role}/flops"] = cost.flops(model, shape) if model is not None else None
+        costs[f"{role}/latency_ms"] = cost.latency_ms(model, shape) if model is not None else None
+    return costs
+
+
 def format_summary(s: dict, run_dir) -> str:
     """The short table printed at the end of a run."""
     def k(n):
@@ -186,6 +210,11 @@ def format_summary(s: dict, run_dir) -> str:
     else:
         rows.append(f"  student  {s['student']:<14} params {k(s['student/params']):>7}   test acc {s['test/acc']:.4f}"
                     f"   (best {s['test/acc_best']:.4f})")
+    if s.get("student/flops") is not None:
+        def line(role):
+            flops = s[f"{role}/flops"]
+            return f"{role} {flops / 1e6:.2f}M FLOPs {s[f'{role}/latency_ms']:.2f} ms" if flops is not None else ""
+        rows.append(f"  cost     {line('student')}   {line('teacher')}".rstrip() + "   (one image)")
     if "cl/class_il/acc" in s:
         rows.append("  continual" + "".join(
             f"   {p.replace('_', '-')} acc {s[f'cl/{p}/acc']:.4f}"

@@ -41,6 +41,21 @@ def job_row(run_dir: Path, sweep_dir: Path) -> dict:
     return row
 
 
+def wandb_sync_command(sweep_dir: Path, cache_dir: Path) -> str | None:
+    """One `wandb sync` command for the sweep's offline W&B runs not yet uploaded: its jobs' (a pattern) and
+    those of the teachers it trained (in the teacher cache, written since the sweep began); None if there are none."""
+    def unsynced(pattern: str, root: Path) -> list[Path]:
+        return [d for d in sorted(root.glob(pattern)) if not list(d.glob("*.wandb.synced"))]
+
+    jobs = unsynced("*/wandb/offline-run-*", sweep_dir)
+    start = min((p.stat().st_mtime for p in sweep_dir.glob("*/.hydra")), default=0.0)
+    teachers = [d for d in unsynced("teachers/*/wandb/offline-run-*", cache_dir) if d.stat().st_mtime >= start]
+    if not jobs and not teachers:
+        return None
+    patterns = [f"{sweep_dir.absolute()}/*/wandb/offline-run-*"] if jobs else []
+    return " ".join(["wandb sync", *patterns, *map(str, teachers)])
+
+
 class SweepSummary(Callback):
     """Writes `sweep_summary.csv` (one row per job: overrides, status, test/acc, wall_s...) when a sweep
     ends, and makes the command fail when a job did. Configured under `hydra.callbacks`."""
@@ -56,6 +71,9 @@ class SweepSummary(Callback):
             writer.writerows(rows)
         bad = [r for r in rows if r["status"] != "ok"]
         log.info("sweep: %d of %d jobs finished; summary in %s", len(rows) - len(bad), len(rows), path)
+        sync = wandb_sync_command(sweep_dir, Path(config.paths.cache_dir).expanduser())
+        if sync:
+            print(f"kdrun: the sweep's W&B runs were logged offline; upload them all with:\n  {sync}", file=sys.stderr)
         if bad:
             for r in bad:
                 print(f"kdrun: job {r['job']} ({r['overrides']}) {r['status']}: {r.get('error', '')}", file=sys.stderr)

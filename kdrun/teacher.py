@@ -6,6 +6,8 @@ so the next run with the same teacher reuses it at once. `teacher.snapshot_epoch
 after chosen epochs too, and `teacher.checkpoint=epoch_N` names one: an early-stopped teacher.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -19,9 +21,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrun import checkpoint, data as kdata, engine, models
+from kdrun.cache import tensor_hash
 from kdrun.errors import KdrunError
 from kdrun.evaluation import evaluate
-from kdrun.loggers import RunLogger
+from kdrun.loggers import RunLogger, plain_config
 from kdrun.methods.supervised import Supervised
 
 log = logging.getLogger(__name__)
@@ -43,12 +46,17 @@ def cache_key(cfg: DictConfig, data: kdata.Data | None = None) -> str:
         "teacher": {k: OmegaConf.to_container(cfg.teacher, resolve=True).get(k) for k in ("name", "kwargs", "pretrained")},
         "max_steps": cfg.trainer.get("max_steps"), "precision": str(cfg.trainer.precision),
     }
+    if cfg.teacher.get("_target_"):  # a model of the user's own: its arguments sit beside _target_
+        what["teacher"]["kwargs"] = models.constructor_kwargs(cfg.teacher)
     if split["labeled_per_class"] is not None or split["labeled_fraction"] is not None:
         what["split"] = split  # trained on the labeled part only
     if val_size is not None:
         what["val"] = {"val_size": val_size, "split_seed": split["split_seed"]}  # and not on the validation images
     if cfg.trainer.get("early_stopping_patience") is not None:  # it stops on validation accuracy
         what["early_stopping_patience"] = cfg.trainer.early_stopping_patience
+    for option, default in (("ema_decay", None), ("accumulate_grad_batches", 1)):  # the teacher trains with them too
+        if cfg.trainer.get(option, default) != default:
+            what[option] = cfg.trainer[option]
     files = kdata.file_fingerprint(data.splits.train) if data is not None else None
     if files is not None:
         what["files"] = files
@@ -103,20 +111,64 @@ def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mod
         teacher.to(device)
         return teacher, evaluate(teacher, _test_loader(cfg, data, device))["acc"]
     path = Path(cfg.paths.cache_dir).expanduser() / "teachers" / cache_key(cfg, data) / "teacher.pt"
-    if path.is_file():
-        ckpt = checkpoint.load_weights(teacher, path, what="teacher")
-        log.info("teacher: reusing %s (test acc %.4f) from %s", cfg.teacher.name, ckpt["test_acc"], path)
-        return teacher.to(device), ckpt["test_acc"]
-    limit = cfg.trainer.get("max_steps")
-    log.info("teacher: none given (teacher.checkpoint); training %s on %s for %d epochs%s with method=supervised, "
-             "cached in %s", cfg.teacher.name, data.name, cfg.teacher.epochs,
-             f" (at most {limit} steps: trainer.max_steps limits the teacher too)" if limit else "", path.parent)
-    teacher, summary = _train(cfg, data, device, path.parent, cfg.teacher.get("snapshot_epochs") or [])
-    meta = {"arch": models.arch(cfg.teacher, data)}
-    checkpoint.save({"model": teacher.state_dict(), **meta, "test_acc": summary["test/acc"], "summary": summary}, path)
+    with _lock(path.parent, cfg.teacher.name):  # runs sharing the cache train it once; the others wait and reuse it
+        acc = _read_cached(teacher, path)
+        if acc is not None:
+            log.info("teacher: reusing %s (test acc %.4f) from %s", cfg.teacher.name, acc, path)
+            return teacher.to(device), acc
+        limit = cfg.trainer.get("max_steps")
+        log.info("teacher: none given (teacher.checkpoint); training %s on %s for %d epochs%s with method=supervised, "
+                 "cached in %s", cfg.teacher.name, data.name, cfg.teacher.epochs,
+                 f" (at most {limit} steps: trainer.max_steps limits the teacher too)" if limit else "", path.parent)
+        logger = RunLogger(path.parent, cfg.get("logger"), plain_config(cfg), job_type="teacher")  # its own W&B run
+        try:
+            teacher, summary = _train(cfg, data, device, path.parent, cfg.teacher.get("snapshot_epochs") or [],
+                                      logger=logger)
+            ckpt = {"model": teacher.state_dict(), "arch": models.arch(cfg.teacher, data),
+                    "test_acc": summary["test/acc"], "summary": summary}
+            checkpoint.save({**ckpt, "checksum": _checksum(ckpt)}, path)
+            logger.log_teacher(path, artifact_name(cfg))
+        finally:
+            logger.close()
     log.info("teacher: test acc %.4f after %d steps (%.0f s)", summary["test/acc"], summary["steps"], summary["wall_s"])
     return teacher, summary["test/acc"]
 
+
+@contextlib.contextmanager
+def _lock(directory: Path, name: str):
+    """Hold `directory`/lock (an advisory file lock) while the teacher cached there is read or trained; a
+    second process waits (and says so) until the first has written it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("teacher: another run is training %s into %s; waiting for it", name, directory)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _checksum(ckpt: dict) -> str:
+    """sha256 of a cached teacher's weights and of all it records beside them (its accuracy, architecture)."""
+    rest = json.dumps({k: v for k, v in ckpt.items() if k not in ("model", "checksum")}, sort_keys=True, default=str)
+    return hashlib.sha256((tensor_hash(ckpt["model"]) + rest).encode()).hexdigest()
+
+
+def _read_cached(teacher: torch.nn.Module, path: Path) -> float | None:
+    """Load the cached teacher at `path` into `teacher`; its test accuracy, or None when there is none or it is
+    unusable (truncated, modified: then it says so, and the caller trains it again). A file from before kdrun
+    wrote checksums is used as it is."""
+    if not path.is_file():
+        return None
+    try:
+        ckpt = checkpoint.load_weights(teacher, path, what="teacher")
+        problem = "fails its checksum" if ckpt.get("checksum", _checksum(ckpt)) != _checksum(ckpt) else None
+    except KdrunError as e:
+        problem = f"cannot be read ({e})"
+    if problem:
+        log.warning("teacher: the cached %s %s; training it again", path, problem)
+        return None
+    return ckpt["test_acc"]
 
 def snapshot(cfg: DictConfig, data: kdata.Data, device, epoch: int) -> Path:
     """The checkpoint, after `epoch` of its `teacher.epochs`, of the teacher kdrun trains and caches: an
@@ -141,8 +193,10 @@ def snapshot(cfg: DictConfig, data: kdata.Data, device, epoch: int) -> Path:
     return path
 
 
-def _train(cfg: DictConfig, data: kdata.Data, device, run_dir: Path, snapshot_epochs, stop_epoch: int | None = None):
-    """Train the teacher with method=supervised for teacher.epochs (or up to `stop_epoch`); the model and summary."""
+def _train(cfg: DictConfig, data: kdata.Data, device, run_dir: Path, snapshot_epochs, stop_epoch: int | None = None,
+           logger: RunLogger | None = None):
+    """Train the teacher with method=supervised for teacher.epochs (or up to `stop_epoch`); the model and summary.
+    `logger`: where its metrics go (default: run_dir/metrics.jsonl alone)."""
     torch.manual_seed(cfg.teacher.seed)  # the teacher's start depends on teacher.seed alone, as its cache key does
     teacher = models.build(cfg.teacher, data).to(device)
     torch.manual_seed(cfg.teacher.seed)
@@ -153,13 +207,32 @@ def _train(cfg: DictConfig, data: kdata.Data, device, run_dir: Path, snapshot_ep
     trainer = OmegaConf.merge(cfg.trainer, {"snapshot_epochs": list(snapshot_epochs)})
     if stop_epoch is not None:
         trainer.max_steps = min(s for s in (cfg.trainer.get("max_steps"), stop_epoch * len(loaders.train())) if s)
-    logger = RunLogger(run_dir)
+    own_logger = logger is None
+    logger = logger or RunLogger(run_dir)
     try:
         summary = engine.train(method, loaders, schedule, trainer, run_dir=run_dir, logger=logger, device=device,
                                checkpoint_meta={"arch": models.arch(cfg.teacher, data)}, desc="teacher")
     finally:
-        logger.close()
+        if own_logger:
+            logger.close()
     return teacher, summary
+
+
+def artifact_name(cfg: DictConfig) -> str:
+    """The W&B model artifact of the teacher (one version per distinct checkpoint file)."""
+    return "teacher-" + re.sub(r"[^\w.-]", "-", str(cfg.teacher.name))
+
+
+def teacher_file(cfg: DictConfig, data: kdata.Data) -> Path | None:
+    """The checkpoint file the run's single teacher is loaded from (`teacher.checkpoint`, a snapshot or the cache),
+    for W&B's lineage; None for an ensemble or a teacher used as it is."""
+    source = cfg.teacher.get("checkpoint")
+    if cfg.get("teachers") or (cfg.teacher.epochs == 0 and not source):
+        return None
+    directory = Path(cfg.paths.cache_dir).expanduser() / "teachers"
+    if source and SNAPSHOT.fullmatch(str(source)):
+        return directory / cache_key(cfg, data) / "checkpoints" / f"{source}.pt"
+    return Path(source) if source else directory / cache_key(cfg, data) / "teacher.pt"
 
 
 def get_teachers(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Module, float]:

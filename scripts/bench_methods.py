@@ -10,7 +10,7 @@ loop)`: forward, losses, backward and optimizer step. A method of several stages
 `steps` rounds of one step of every setup; the table gives the median over `repeats` turns of ms/step and of
 the ratios to supervised and KD within a turn.
 The self-training methods (pseudo_label, offline_pseudo_label, noisy_student, mpl, data_distillation) need a
-labeled split and are left out.
+labeled split, the continual ones a scenario, and the data-free ones read no training batch: they are left out.
 """
 
 import argparse
@@ -29,11 +29,12 @@ from kdrun.models.ensemble import Ensemble
 from kdrun.run import seed_everything
 
 SELF_TRAINING = {"pseudo_label", "offline_pseudo_label", "noisy_student", "mpl", "data_distillation"}
+# continual methods (they learn experiences in sequence, scenario=split) and data-free ones (no training batches)
+OTHER_SETTINGS = {"lwf", "lwm", "ewc", "mas", "er", "dgr", "piggyback", "deepinversion", "dfad"}
 # methods that cannot run on the default pair, and what they run on instead (compared with a KD step on that)
 FALLBACK = {"fsp": ["student=cnn"], "kdsvd": ["student=cnn"], "multi_teacher": ["teachers=[cnn,cnn]"]}
 CONF = Path(__file__).parents[1] / "conf"
-METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml")
-                 if p.stem not in SELF_TRAINING)
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml") if p.stem not in SELF_TRAINING | OTHER_SETTINGS)
 
 
 def forever(loader):

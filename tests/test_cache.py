@@ -174,3 +174,17 @@ def test_an_ensembles_cache_holds_every_members_logits(tmp_path):
     assert method.teacher_cache.logits.shape == (1437, 2, 10)
     want = torch.stack([m(batch["image"]) for m in members])  # (M, B, K), what the method reads uncached
     torch.testing.assert_close(method.teacher_outputs(batch), want, atol=1e-5, rtol=1e-5)
+
+
+def test_computing_the_cache_logs_its_progress_without_a_terminal(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cache, "PROGRESS_EVERY_S", 0.0)  # a line after every batch
+    cfg = make_cfg(*DIGITS, f"paths.cache_dir={tmp_path}")
+    data = kdata.build(cfg.dataset)
+    teacher = models.build(cfg.teacher, data).eval()
+    n = len(data.splits.train)
+    with caplog.at_level(logging.INFO, logger="kdrun.cache"):
+        cache.compute(teacher, data, None, "cpu", 500, (10,))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher cache: ")]
+    batches = -(-n // 500)
+    assert [line.split()[2] for line in lines[:-1]] == [f"{i}/{batches}" for i in range(1, batches)]
+    assert lines[-1].startswith(f"teacher cache: {batches} batches computed in ")

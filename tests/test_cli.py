@@ -62,7 +62,7 @@ def test_supervised_run_writes_the_run_dir_contract(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if " train epoch " in line]  # no terminal: no progress bars
     assert [line.split(" train epoch ")[1].split()[0] for line in lines] == ["1/3", "2/3", "3/3"]
     assert all(" loss " in line and " test/acc " in line and " samples/s " in line for line in lines)
-    assert (run / "cli.log").read_text().count(" train epoch ") == 3  # Hydra's job log has them too
+    assert (run / "kdrun.log").read_text().count(" train epoch ") == 3  # Hydra's job log has them too
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["method"] == "supervised" and summary["teacher/test_acc"] is None

@@ -122,7 +122,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
     method = Explodes(_net())
     method.calls = 0
-    with pytest.raises(KdrunError, match=r"became nan by step \d+; .*last good checkpoint .*last.pt"):
+    with pytest.raises(KdrunError, match=r"became nan by step \d+ \(train/ce\); .*last good checkpoint .*last.pt; "
+                                         "lower the learning rate"):
         _engine(method, tmp_path).fit()
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -245,9 +246,9 @@ def test_methods_see_the_loop_only_through_its_context():
 
 
 @pytest.mark.parametrize("override, message", [
-    (("schedule.epochs=-1",), "has -1 epochs to train .*give a positive schedule.epochs"),
-    (("schedule.epochs=0",), "has 0 epochs to train"),
-    (("trainer.max_steps=-5",), "trainer.max_steps=-5; give a positive number of steps"),
+    (("schedule.epochs=-1",), "schedule.epochs=-1 is not allowed; schedule.epochs takes an integer >= 1"),  # validate
+    (("schedule.epochs=0",), "schedule.epochs=0 is not allowed"),
+    (("trainer.max_steps=-5",), "trainer.max_steps=-5 is not allowed; trainer.max_steps takes an integer >= 1"),
     (("dataset=image_folder", "schedule.batch_size=64"), "fewer training images than one batch \\(schedule.batch_size=64\\)"),
 ])
 def test_a_run_with_nothing_to_train_is_refused_before_it_starts(tmp_path, override, message):

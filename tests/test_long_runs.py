@@ -84,6 +84,25 @@ def test_sigterm_then_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_resul
     assert [r["test/acc"] for r in rows if "test/acc" in r] == [r["test/acc"] for r in want_rows if "test/acc" in r]
 
 
+@pytest.mark.slow  # ~60 s on two busy cores
+def test_ctrl_c_stops_with_a_checkpoint_and_the_same_command_finishes_the_run(tmp_path, uninterrupted):
+    run_dir, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.pt"
+    proc = start(run_dir)
+    wait_for_checkpoint(proc, last, lambda c: c["step"] >= 10)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, out + err
+    ckpt = torch.load(last, weights_only=True)
+    assert f"stopped by SIGINT; {last} holds step {ckpt['step']}" in err and "Traceback" not in err
+    assert f"hydra.run.dir={run_dir} to continue" in err
+    assert ckpt["step"] == STEPS * ckpt["epoch"] + ckpt["batch_in_epoch"] and not (run_dir / "summary.json").exists()
+    finish(run_dir)
+    (summary, weights, _), (want, want_weights, _) = result(run_dir), uninterrupted
+    for key in ("test/acc", "test/acc_best", "steps", "epochs", "teacher/test_acc"):
+        assert summary[key] == want[key], key
+    assert all(torch.equal(weights[k], v) for k, v in want_weights.items())
+
+
 def test_two_ranks_spawned_by_kdrun_train_as_one_process(tmp_path, uninterrupted):
     out = finish(tmp_path / "run", "trainer.devices=2")  # a global batch of 32: 16 per rank
     summary, weights, rows = result(tmp_path / "run")

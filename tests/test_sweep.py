@@ -108,17 +108,17 @@ def test_wandb_groups_a_sweep_and_tags_its_overrides():
     assert list(cfg.logger.tags) == ["method.temperature=4", "seed=1"]
 
 
-def test_wandb_logs_the_final_checkpoint_as_an_artifact_when_asked(tmp_path):
+def test_wandb_logs_the_best_checkpoint_as_an_artifact_when_asked(tmp_path):
     from kdrun.loggers import RunLogger
 
     logged = []
     logger = RunLogger(tmp_path)
-    logger.wandb = SimpleNamespace(id="abc", log_model=lambda path, name: logged.append((path, name)))
-    logger.checkpoint(tmp_path / "last.pt")
+    logger.wandb = SimpleNamespace(id="abc", log_model=lambda path, name, aliases: logged.append((path, name, aliases)))
+    logger.checkpoint(tmp_path / "best.pt")
     assert logged == []  # logger.log_model defaults to false
     logger.log_model = True
-    logger.checkpoint(tmp_path / "last.pt")
-    assert logged == [(str(tmp_path / "last.pt"), "model-abc")]
+    logger.checkpoint(tmp_path / "best.pt")
+    assert logged == [(str(tmp_path / "best.pt"), "model-abc", ["best", "latest"])]
 
 
 @pytest.mark.slow
@@ -166,3 +166,38 @@ def test_an_optuna_search_without_validation_images_is_refused(tmp_path):
                  "hydra.sweep.dir=s", cwd=tmp_path)
     assert proc.returncode != 0 and "hold validation images out with dataset.val_size" in proc.stderr
     assert not list((tmp_path / "s").glob("*/summary.json")) and not list((tmp_path / "s").glob("*/checkpoints"))
+
+
+def _installed(command):
+    """The console script pip installed beside this Python (the package's entry point)."""
+    path = Path(sys.executable).with_name(command)
+    if not path.is_file():
+        pytest.skip(f"{command} is not installed beside {sys.executable}; pip install -e .")
+    return str(path)
+
+
+def test_kdrun_table_is_installed_and_matches_the_script(sweep):
+    args = [str(sweep[0]), "--rows", "method", "--cols", "student.name"]
+    installed = subprocess.run([_installed("kdrun-table"), *args], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    assert installed.stdout == script("make_table.py", *args).stdout and "| kd | " in installed.stdout
+
+
+def test_kdrun_plot_draws_a_curve_per_setting_with_the_mean_over_seeds(sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    from kdrun.tools import plot
+
+    out = tmp_path / "runs.png"
+    proc = subprocess.run([_installed("kdrun-plot"), str(sweep[0]), "-o", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "2 curves" in proc.stdout  # kd and supervised, 2 seeds each
+    groups = plot.groups(plot.find_runs([str(sweep[0])]))
+    kd = next(members for members in groups.values() if members[0].method == "kd")
+    assert len(kd) == 2
+    finals = []
+    for run in kd:  # the last test accuracy of each seed, read here from metrics.jsonl
+        rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+        finals.append([r["test/acc"] for r in rows if "test/acc" in r][-1])
+    epochs, means, stds = plot.mean_std(kd, "test/acc")
+    assert means[-1] == pytest.approx(statistics.fmean(finals)) and stds[-1] == pytest.approx(statistics.stdev(finals))

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from kdrun.data import semi
-from kdrun.data.loaders import BatchAugment, FolderLoader, Normalize, TensorLoader, Views
+from kdrun.data.loaders import BatchAugment, FolderLoader, Normalize, StepClock, TensorLoader, Views
 from kdrun.data.semi import LabeledSplit, Stream, labels_of
 from kdrun.data.sources import InMemory, Splits
 from kdrun.errors import KdrunError, instantiate
@@ -87,12 +87,16 @@ class BatchSpec:
     `mixup_alpha`: mixup on the training views (not the clean one), coefficient ~ Beta(alpha, alpha).
     `cacheable`: the method reads nothing of the teacher but its logits, so `kdrun.cache` may stand in for it.
     `unlabeled`: unlabeled batches beside the labeled ones (`semi.Stream`: how many, how noised).
+    `reads_training_images`: False for a method that trains on no training image (data-free distillation makes
+    its own): its training loader is a `StepClock`, whose batches carry only `size` (the images a step should make)
+    and as many of them an epoch as a pass over the training set would give; the evaluation sets are still read.
     """
 
     teacher_view: str = "same"
     mixup_alpha: float = 0.0
     cacheable: bool = False
     unlabeled: Stream | None = None
+    reads_training_images: bool = True
 
     def __post_init__(self):
         if self.teacher_view not in TEACHER_VIEWS:
@@ -227,6 +231,9 @@ class Loaders:
         data, spec = self.data, self.spec
         train = data.splits.train
         where = positions(train, selection.classes, selection.indices)
+        if not spec.reads_training_images:
+            n = len(train) if where is None else len(where)
+            return StepClock(n // self.batch_size, self.batch_size // self.shard["world_size"])
         if spec.unlabeled is not None:
             return semi.loader(data, spec.unlabeled, self.batch_size, self.device, self.seed, positions=where)
         if isinstance(train, InMemory):
@@ -253,6 +260,11 @@ class Loaders:
                                       self.device, num_workers=self.num_workers, positions=where, **self.shard)
             self._eval[key] = loader
         return self._eval[key]
+
+    def summary(self) -> dict:
+        """What the run's summary.json records of its training data: `data/train_images_read` 0 when the method
+        declared that it reads no training image (its loaders are `StepClock`s, which hold none)."""
+        return {} if self.spec.reads_training_images else {"data/train_images_read": 0}
 
     def state_dict(self) -> dict:
         """The random state of every training loader built so far, by `key`."""

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from kdrun.data.sources import InMemory
+from kdrun.errors import KdrunError
 
 
 class BatchAugment:
@@ -232,6 +233,27 @@ class TensorLoader:
             yield self._shard(batch)
 
 
+class StepClock:
+    """The training loader of a method that reads no training image (`BatchSpec.reads_training_images=False`):
+    `batches` batches an epoch, each `{"size": size}`, the number of images the step should make itself."""
+
+    def __init__(self, batches: int, size: int):
+        self.batches, self.size = batches, size
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            yield {"size": self.size}
+
+    def state_dict(self) -> dict:
+        return {}  # nothing random: the method draws its images from the RNG streams the run checkpoints
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class _Indexed(Dataset):
     def __init__(self, dataset: Dataset, transform, teacher_transform=None):
         self.dataset, self.transform, self.teacher_transform = dataset, transform, teacher_transform
@@ -287,14 +309,17 @@ class FolderLoader:
         return self.mix(x) if self.mix is not None else x
 
     def __iter__(self):
-        for *images, label, index in self.loader:
-            index = index.to(self.device)
-            if self.positions is not None:
-                index = self.positions[index]
-            batch = {"image": self._view(images[0]), "label": label.to(self.device), "index": index}
-            if len(images) == 2:
-                batch["teacher_image"] = self._view(images[1])
-            yield batch
+        try:
+            for *images, label, index in self.loader:
+                index = index.to(self.device)
+                if self.positions is not None:
+                    index = self.positions[index]
+                batch = {"image": self._view(images[0]), "label": label.to(self.device), "index": index}
+                if len(images) == 2:
+                    batch["teacher_image"] = self._view(images[1])
+                yield batch
+        except KdrunError as e:  # from a worker process, the DataLoader wraps the sentence in the worker's traceback
+            raise KdrunError(str(e).strip().splitlines()[-1].split("KdrunError: ", 1)[-1]) from None
 
 
 class _RankSampler(Sampler):

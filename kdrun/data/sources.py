@@ -6,6 +6,7 @@ Folder datasets come back as torchvision datasets, read per sample by a DataLoad
 """
 
 import gzip
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from kdrun.errors import KdrunError
+
+log = logging.getLogger(__name__)
 
 # Where Debian's `dataset-fashion-mnist` package installs the gz IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -135,11 +138,39 @@ def digits(test_fraction: float = 0.2) -> Splits:
     return _splits(_in_memory(x_tr, y_tr), _in_memory(x_te, y_te), 10)
 
 
+def read_image(path: str):
+    """torchvision's default image loader (the image in RGB), with an unreadable file one sentence naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        why = str(e).replace(f" {path!r}", "")
+        raise KdrunError(f"cannot read the image {path} ({why}); replace or remove it, or set "
+                         "dataset.skip_bad_images=true to leave unreadable images out") from None
+
+
+def _skip_unreadable(folder) -> int:
+    """Drop the images of a torchvision ImageFolder that cannot be decoded; returns how many."""
+    bad = set()
+    for path, _ in folder.samples:
+        try:
+            read_image(path)
+        except KdrunError:
+            bad.add(path)
+    folder.samples = folder.imgs = [s for s in folder.samples if s[0] not in bad]
+    folder.targets = [label for _, label in folder.samples]
+    return len(bad)
+
+
 def image_folder(root: str, image_size: int | None = None, in_chans: int | None = None,
-                 train_dir: str = "train", test_dir: str = "val") -> Splits:
+                 train_dir: str = "train", test_dir: str = "val", skip_bad_images: bool = False) -> Splits:
     """Any `root/train/<class>/*.png|jpg` + `root/val/<class>/...` tree, read per sample.
 
-    Image size and channels are read from the first training image unless given.
+    Image size and channels are read from the first training image unless given. An image that cannot be read
+    stops the run with its name, unless `skip_bad_images`: then every image is decoded once here, and those that
+    fail are left out and counted.
     """
     from PIL import Image
     from torchvision.datasets import ImageFolder
@@ -151,10 +182,18 @@ def image_folder(root: str, image_size: int | None = None, in_chans: int | None 
                 f"image folder {root_path / split} does not exist; set dataset.root to a folder holding "
                 f"{train_dir}/<class>/*.jpg and {test_dir}/<class>/*.jpg"
             )
-    train = ImageFolder(str(root_path / train_dir))
-    test = ImageFolder(str(root_path / test_dir))
+    train = ImageFolder(str(root_path / train_dir), loader=read_image)
+    test = ImageFolder(str(root_path / test_dir), loader=read_image)
     if train.classes != test.classes:
         raise KdrunError(f"{root_path}: the class folders of {train_dir}/ and {test_dir}/ differ; give both the same classes")
+    if skip_bad_images:
+        skipped = {split: _skip_unreadable(folder) for split, folder in ((train_dir, train), (test_dir, test))}
+        if any(skipped.values()):
+            log.warning("image folder %s: left out %d unreadable images of %s/ and %d of %s/ (dataset.skip_bad_images)",
+                        root_path, skipped[train_dir], train_dir, skipped[test_dir], test_dir)
+        if not train.samples or not test.samples:
+            raise KdrunError(f"image folder {root_path}: no readable image is left in {train_dir}/ or {test_dir}/")
+    read_image(train.samples[0][0])  # an unreadable first image is named here
     with Image.open(train.samples[0][0]) as first:
         image_size = image_size or min(first.size)
         in_chans = in_chans or (1 if first.mode in ("L", "I", "I;16", "1") else 3)

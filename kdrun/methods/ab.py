@@ -17,6 +17,7 @@ from kdrun.methods.feature import FeatureMethod, connector, same_spatial
 
 
 class AB(FeatureMethod):
+    ranges = {"init_epochs": "[0, inf)", "margin": "[0, inf)"}
     positions = "stages"
     preact = (True, True)
     pairing = "resolution"

@@ -11,6 +11,7 @@ from kdrun.methods.feature import FeatureMethod, match_spatial
 
 
 class AT(FeatureMethod):
+    ranges = {"p": "(0, inf)"}
     positions = "stages"
 
     def __init__(self, student, teacher, weight: float = 1000.0, p: float = 2.0, **kwargs):

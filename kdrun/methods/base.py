@@ -56,6 +56,9 @@ class Method(nn.Module):
     trains_teacher: bool = False  # the run builds an untrained teacher, which the method trains (meta pseudo labels)
     batch_spec = BatchSpec()  # what the training batches carry; a method may set its own in __init__
     teacher_cache = None  # the teacher's cached outputs (kdrun.cache.TeacherCache), handed over by the run
+    # the allowed values of `__init__` options, checked before a run starts (kdrun.validate): an interval such as
+    # "[0, 1]" or "(0, inf)", or choices "{1, 2}"; merged with the base classes' ranges
+    ranges: dict[str, str] = {}
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
         super().__init__()
@@ -118,6 +121,16 @@ class Method(nn.Module):
     def summary(self) -> dict:
         """Entries the method adds to the run's summary.json (e.g. per-iteration accuracies)."""
         return {}
+
+    def nan_hint(self) -> str | None:
+        """What in the method's settings can make its loss non-finite, for the engine's message (None: nothing
+        known, and the engine names the learning rate, clipping and precision). By default a temperature (an
+        attribute whose name ends in `temperature`) that is zero or negative."""
+        for name, value in vars(self).items():
+            if name.endswith("temperature") and isinstance(value, (int, float)) and value <= 0:
+                return (f"method.{name}={value} divides the logits by {'zero' if value == 0 else 'a negative number'}; "
+                        f"give a positive method.{name}")
+        return None
 
     def eval_model(self) -> nn.Module:
         """The network evaluated and checkpointed as the result of the run."""

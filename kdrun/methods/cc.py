@@ -16,6 +16,7 @@ from kdrun.methods.feature import FeatureMethod
 
 
 class CC(FeatureMethod):
+    ranges = {"gamma": "(0, inf)", "order": "[0, inf)", "feat_dim": "[1, inf)"}
     positions = "embedding"
 
     def __init__(self, student, teacher, weight: float = 2.0, gamma: float = 0.4, order: int = 2,

@@ -23,6 +23,7 @@ from kdrun.methods.feature import FeatureMethod
 
 
 class CRD(FeatureMethod):
+    ranges = {"feat_dim": "[1, inf)", "nce_k": "[1, inf)", "nce_t": "(0, inf)", "nce_m": "[0, 1]"}
     positions = "embedding"
 
     def __init__(self, student, teacher, weight: float = 0.8, feat_dim: int = 128, nce_k: int = 16384,

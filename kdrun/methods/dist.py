@@ -15,6 +15,7 @@ from kdrun.methods.base import Method, accuracy
 
 
 class DIST(Method):
+    ranges = {"beta": "[0, inf)", "gamma": "[0, inf)", "temperature": "(0, inf)", "ce_weight": "[0, inf)"}
     needs_teacher = True
     batch_spec = BatchSpec(cacheable=True)
 

@@ -15,6 +15,8 @@ from kdrun.methods.base import Method, accuracy
 
 
 class DKD(Method):
+    ranges = {"alpha": "[0, inf)", "beta": "[0, inf)", "temperature": "(0, inf)", "warmup_epochs": "(0, inf)",
+              "ce_weight": "[0, inf)"}
     needs_teacher = True
     batch_spec = BatchSpec(cacheable=True)
 

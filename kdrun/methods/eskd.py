@@ -15,6 +15,8 @@ from kdrun.methods.kd import KD
 
 
 class ESKD(KD):
+    ranges = {"stop_epoch": "[0, inf)", "stop_fraction": "[0, 1]"}
+
     def __init__(self, student, teacher, stop_epoch: int | None = None, stop_fraction: float = 0.5, **kd):
         super().__init__(student, teacher, **kd)
         if stop_epoch is None and not 0 <= stop_fraction <= 1:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 class FeatureMethod(Method):
     """Base of the methods that distil intermediate features (see the module docstring)."""
 
+    ranges = {"weight": "[0, inf)", "ce_weight": "[0, inf)", "kd_weight": "[0, inf)", "temperature": "(0, inf)"}
+
     needs_teacher = True
     positions = "stages"  # stages: every default stage; last / middle: one of them; embedding: the classifier's input
     preact = (False, False)  # read the (student, teacher) pre-ReLU responses of those stages

@@ -24,6 +24,11 @@ def regressor(s_shape, t_shape, relu: bool) -> nn.Module:
     guided map onto the hint's size (Sec. 2.2) and, when the hint is a ReLU output, a ReLU (r keeps the hint's
     non-linearity); between them a BatchNorm, which the paper's regressor does not have (the CRD benchmark's
     ConvReg does); for vector features a Linear regressor."""
+    if len(s_shape) != len(t_shape) or len(s_shape) not in (2, 4):
+        raise KdrunError(f"FitNets' regressor maps the student's guided layer onto the teacher's hint, two feature "
+                         f"maps (C, H, W) or two vectors, but they are {tuple(s_shape[1:])} and {tuple(t_shape[1:])}; "
+                         "choose layers of one kind with student.feature_layers and teacher.feature_layers (PATH:in "
+                         "reads a module's input, e.g. fc:in for the classifier's input vector)")
     if len(s_shape) == 2:
         return nn.Sequential(nn.Linear(s_shape[1], t_shape[1]), *([nn.ReLU()] if relu else []))
     (hs, ws), (ht, wt) = s_shape[2:], t_shape[2:]
@@ -36,6 +41,7 @@ def regressor(s_shape, t_shape, relu: bool) -> nn.Module:
 
 
 class FitNet(FeatureMethod):
+    ranges = {"stages": "{1, 2}", "hint_epochs": "[0, inf)", "lambda_start": "[0, inf)", "lambda_end": "[0, inf)"}
     positions = "middle"
 
     def __init__(self, student, teacher, stages: int = 2, hint_epochs: int = 30, weight: float = 100.0,
@@ -56,8 +62,8 @@ class FitNet(FeatureMethod):
         stages = self.stages_of(model, role, features.probe_input(model, self.input_shape))
         middle = stages.index(specs[0])
         h, w = t_feats[0].shape[2:]
-        sizes = [f.shape[2:] for f in self.probe(model, stages, role)]
-        large = [i for i, (hs, ws) in enumerate(sizes[: middle + 1]) if hs >= h and ws >= w]
+        feats = self.probe(model, stages, role)
+        large = [i for i, f in enumerate(feats[: middle + 1]) if f.dim() == 4 and f.shape[2] >= h and f.shape[3] >= w]
         return [stages[large[-1]]] if large and large[-1] != middle else specs
 
     def build(self, s_feats, t_feats):

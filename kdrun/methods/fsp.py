@@ -28,6 +28,7 @@ def _pairs(feats):
 
 
 class FSP(FeatureMethod):
+    ranges = {"init_epochs": "[0, inf)"}
     positions = "input+stages"
 
     def __init__(self, student, teacher, init_epochs: int = 30, weight: float = 1.0, **kwargs):

@@ -40,6 +40,7 @@ class Paraphraser(nn.Module):
 
 
 class FT(FeatureMethod):
+    ranges = {"init_epochs": "[0, inf)", "rate": "(0, inf)", "p": "(0, inf)"}
     positions = "last"
 
     def __init__(self, student, teacher, init_epochs: int = 30, rate: float = 0.5, p: float = 1.0,

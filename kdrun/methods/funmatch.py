@@ -20,6 +20,7 @@ TEACHER_INPUT = {"fixed": "clean", "independent": "independent", "consistent": "
 
 
 class FunMatch(Method):
+    ranges = {"mixup_alpha": "[0, inf)", "temperature": "(0, inf)"}
     needs_teacher = True
 
     def __init__(self, student, teacher, teacher_view: str = "function_matching", mixup_alpha: float = 1.0,

@@ -15,6 +15,7 @@ from kdrun.methods.base import Method, accuracy
 
 
 class KD(Method):
+    ranges = {"temperature": "(0, inf)", "alpha": "[0, 1]", "kd_weight": "[0, inf)"}
     needs_teacher = True
     batch_spec = BatchSpec(cacheable=True)
 

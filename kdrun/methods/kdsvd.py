@@ -12,6 +12,7 @@ from kdrun.methods.feature import FeatureMethod
 
 
 class KDSVD(FeatureMethod):
+    ranges = {"k": "[1, inf)"}
     positions = "stages"
 
     def __init__(self, student, teacher, k: int = 1, weight: float = 1.0, **kwargs):

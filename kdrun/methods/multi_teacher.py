@@ -17,6 +17,7 @@ from kdrun.models.ensemble import Ensemble, MemberLogits
 
 
 class MultiTeacher(Method):
+    ranges = {"temperature": "(0, inf)", "alpha": "[0, 1]"}
     needs_teacher = True
     batch_spec = BatchSpec(cacheable=True)
 

@@ -20,6 +20,8 @@ from kdrun.methods.pseudo_label import PseudoLabel
 
 
 class NoisyStudent(PseudoLabel):
+    ranges = {"iterations": "[1, inf)", "per_class": "[1, inf)"}
+
     def __init__(self, student, teacher, iterations: int = 3, hard: bool = False, threshold: float = 0.3,
                  balance: bool = True, per_class: int | None = None, unlabeled_weight: float = 1.0,
                  unlabeled_ratio: float = 3.0, randaugment: dict | None = None):

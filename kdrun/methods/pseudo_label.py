@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class PseudoLabel(Method):
+    ranges = {"threshold": "[0, 1)", "unlabeled_weight": "[0, inf)", "unlabeled_ratio": "(0, inf)"}
     needs_teacher = True
 
     def __init__(self, student, teacher, hard: bool = True, threshold: float = 0.0, unlabeled_weight: float = 1.0,

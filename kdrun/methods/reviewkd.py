@@ -42,6 +42,7 @@ class ABF(nn.Module):
 
 
 class ReviewKD(FeatureMethod):
+    ranges = {"warmup_epochs": "(0, inf)", "max_mid_channels": "[1, inf)"}
     positions = "stages"
     preact = (False, True)
     pairing = "fixed"  # each level's output is resampled to the teacher's size

@@ -10,6 +10,7 @@ from kdrun.methods.feature import FeatureMethod
 
 
 class RKD(FeatureMethod):
+    ranges = {"distance_weight": "[0, inf)", "angle_weight": "[0, inf)"}
     positions = "embedding"
 
     def __init__(self, student, teacher, distance_weight: float = 25.0, angle_weight: float = 50.0,

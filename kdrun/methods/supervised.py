@@ -6,6 +6,8 @@ from kdrun.methods.base import Method, accuracy
 
 
 class Supervised(Method):
+    ranges = {"label_smoothing": "[0, 1]"}
+
     def __init__(self, student, teacher=None, label_smoothing: float = 0.0):
         super().__init__(student)
         self.label_smoothing = label_smoothing

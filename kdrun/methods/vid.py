@@ -17,6 +17,7 @@ from kdrun.methods.feature import FeatureMethod, match_spatial
 
 
 class VID(FeatureMethod):
+    ranges = {"init_var": "(0, inf)", "eps": "(0, inf)"}
     positions = "stages"
 
     def __init__(self, student, teacher, weight: float = 1.0, init_var: float = 5.0, eps: float = 1e-5, **kwargs):

@@ -3,19 +3,27 @@
 Every model it returns has ``default_feature_layers``: module paths (keys of ``dict(model.named_modules())``)
 of the outputs of its main stages, lowest first, ending with the last feature map before global
 pooling; forward hooks on them give the features that feature-based distillation methods use.
+
+A `teacher`/`student` preset names one of them (`name`, `kwargs`) or, with Hydra's `_target_`, any importable
+model class or function, its arguments beside `_target_` (or in `kwargs`); `num_classes`, `in_chans` and
+`image_size` are passed where its signature names them and the preset does not.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import inspect
+from importlib.resources import files
 from typing import Any, Callable
 
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from torch import nn
 
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, instantiate
 from kdrun.models import mobilenetv2, resnet_cifar, shufflenet, small, vgg, wrn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -54,17 +62,85 @@ def list_models() -> list[str]:
 def build(cfg, data) -> nn.Module:
     """A model preset (the `teacher` or `student` config group) at the classes and channels of `data`
     (a `kdrun.data.Data`)."""
-    kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True)
+    if not cfg.get("name"):
+        role = cfg._key() or "model"
+        raise KdrunError(f"the {role} names no model; choose a preset ({role}=cnn) or set {role}.name=NAME, or "
+                         f"{role}._target_=mypkg.MyNet for a model of your own")
+    kwargs = constructor_kwargs(cfg)
     for key in ("drop_rate", "drop_path_rate"):  # a noised student; kdrun's own nets call dropout `dropout`
         if cfg.get(key):
             kwargs["dropout" if key == "drop_rate" and cfg.name in _REGISTRY else key] = cfg[key]
+    if cfg.get("_target_"):
+        return create_target(cfg._target_, kwargs, data.num_classes, data.in_chans, data.image_size,
+                             field=f"{cfg._key()}._target_" if cfg._key() else "_target_")
     return create(cfg.name, data.num_classes, in_chans=data.in_chans, pretrained=cfg.get("pretrained", False), **kwargs)
 
 
+def constructor_kwargs(cfg) -> dict:
+    """The arguments a model preset gives its model: `kwargs`, and for a `_target_` preset its other own keys."""
+    kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") else {}
+    if cfg.get("_target_"):
+        kwargs = {**{k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _preset_fields()},
+                  **kwargs}
+    return kwargs
+
+
+@functools.cache
+def _preset_fields() -> frozenset[str]:
+    """The fields every teacher/student preset has (config.yaml's `teacher` and `student`): no model's arguments."""
+    base = OmegaConf.load(files("kdrun.conf") / "config.yaml")
+    return frozenset({"_target_", *base.teacher, *base.student})
+
+
 def arch(cfg, data) -> dict:
-    """What a checkpoint records of a model preset's model, to rebuild it and to explain a mismatch."""
-    return {"name": cfg.name, "kwargs": OmegaConf.to_container(cfg.kwargs, resolve=True), "dataset": data.name,
-            "num_classes": data.num_classes, "in_chans": data.in_chans}
+    """What a checkpoint records of a model preset's model: enough to rebuild it (`from_arch`), to explain a
+    mismatch and to preprocess its input (mean, std, image size)."""
+    record = {"name": cfg.name, "kwargs": constructor_kwargs(cfg), "dataset": data.name,
+              "num_classes": data.num_classes, "in_chans": data.in_chans, "image_size": data.image_size,
+              "mean": list(data.mean), "std": list(data.std)}
+    if cfg.get("_target_"):
+        record["target"] = cfg._target_
+    classes = getattr(data.splits.test, "classes", None)  # an image folder's class names
+    if classes is not None:
+        record["classes"] = list(classes)
+    return record
+
+
+def from_arch(record: dict) -> nn.Module:
+    """The (untrained) model a checkpoint's `arch` record describes."""
+    if record.get("target"):
+        return create_target(record["target"], dict(record["kwargs"]), record["num_classes"], record["in_chans"],
+                             record.get("image_size"))
+    return create(record["name"], record["num_classes"], in_chans=record["in_chans"], **record["kwargs"])
+
+
+def create_target(target: str, kwargs: dict, num_classes: int, in_chans: int, image_size: int | None,
+                  field: str = "_target_") -> nn.Module:
+    """The model Hydra's `_target_` names, called with `kwargs` and those of `num_classes`, `in_chans` and
+    `image_size` that its signature names and `kwargs` do not give; `field` names the setting in errors."""
+    module, _, attr = target.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise KdrunError(f"{field}={target} cannot be imported ({type(e).__name__}: {e}); "
+                         "give the dotted path of a model class or function that Python can import (put its "
+                         "package on PYTHONPATH)") from e
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    given = {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size}
+    kwargs = {**{k: v for k, v in given.items() if k in params and v is not None}, **kwargs}
+    try:
+        model = instantiate({"_target_": target, "_convert_": "all", **kwargs})
+    except InstantiationException as e:
+        raise KdrunError(f"{field}={target} failed with the arguments {sorted(kwargs)} ({e.__cause__ or e}); "
+                         "give the arguments its signature takes") from e
+    if not isinstance(model, nn.Module) or next(model.parameters(), None) is None:
+        what = "a model without parameters" if isinstance(model, nn.Module) else f"a {type(model).__name__}"
+        raise KdrunError(f"{field}={target} gives {what}, not a trainable torch.nn.Module; name a model class or a "
+                         "function that returns one")
+    return model
 
 
 def create(name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False, **kwargs: Any) -> nn.Module:
