@@ -84,6 +84,21 @@ def test_make_table_of_a_real_sweep(sweep, tmp_path):
     assert "on digits at the best epoch" in proc.stdout and "over 2 runs (seeds)" in proc.stdout
 
 
+def test_make_table_shows_chosen_summary_keys_one_column_each(sweep):
+    sweep_dir, _ = sweep
+    proc = script("make_table.py", sweep_dir, "--rows", "method", "--cols", "student.name",
+                  "--metrics", "test/acc,test/acc_best")
+    assert proc.returncode == 0, proc.stderr
+    runs = [json.loads(f.read_text()) for f in sweep_dir.glob("*/summary.json")]
+    best = [100 * s["test/acc_best"] for s in runs if s["method"] == "kd"]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "| method \\ student.name | test/acc | test/acc_best |"
+    assert any(line.startswith("| kd | ") and line.endswith(f" | {statistics.fmean(best):.2f} ± "
+                                                            f"{statistics.stdev(best):.2f} |") for line in lines)
+    proc = script("make_table.py", sweep_dir, "--metrics", "cl/class_il/acc")
+    assert proc.returncode != 0 and "no run's summary.json has cl/class_il/acc" in proc.stderr
+
+
 def test_make_table_refuses_cells_that_mix_settings(sweep):
     proc = script("make_table.py", sweep[0], "--rows", "seed", "--cols", "student.name")
     assert proc.returncode != 0 and "differ in method" in proc.stderr

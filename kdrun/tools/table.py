@@ -11,6 +11,8 @@ standard deviation, in percent. A reference YAML ({row: {column: accuracy in %}}
 number and our difference to it beside each cell. `--protocol`: the last epoch's test accuracy (`last`), the
 test accuracy at the epoch of best validation accuracy (`best`; runs with `dataset.val_size`), or the best test
 accuracy over the epochs (`best-test`: the CRD benchmark's protocol, in which the test set chooses).
+`--metrics` shows other summary keys instead, one column each (per column label): a continual run's
+`cl/class_il/acc,cl/task_il/acc`, say; accuracies and backward transfer in percent.
 """
 
 import argparse
@@ -88,8 +90,9 @@ def _fmt(values: list[float], digits: int) -> str:
 
 
 def table(runs: list[Run], rows: list[str], cols: list[str], protocol: str, reference: dict | None = None,
-          digits: int = 2, teacher_row: bool = False) -> str:
+          digits: int = 2, teacher_row: bool = False, metrics: list[str] | None = None) -> str:
     metric, when = PROTOCOLS[protocol]
+    metrics = metrics or [metric]
     cells: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
         cells.setdefault((r.label(rows), r.label(cols)), []).append(r)
@@ -107,20 +110,26 @@ def table(runs: list[Run], rows: list[str], cols: list[str], protocol: str, refe
             out += f" ({float(ref):.{digits}f}, {statistics.fmean(values) - float(ref):+.{digits}f})"
         return out
 
-    head = f"| {'/'.join(rows)} \\ {'/'.join(cols)} | " + " | ".join(col_labels) + " |"
-    lines = [head, "|" + " --- |" * (len(col_labels) + 1)]
+    columns = [(c, m) for c in col_labels for m in metrics]
+    names = [c if len(metrics) == 1 else m if len(col_labels) == 1 else f"{c} {m}" for c, m in columns]
+    head = f"| {'/'.join(rows)} \\ {'/'.join(cols)} | " + " | ".join(names) + " |"
+    lines = [head, "|" + " --- |" * (len(columns) + 1)]
     if teacher_row:
         def teachers(col: str) -> list[float]:  # one value per distinct teacher: runs share a cached one
             return sorted({100 * r.summary["teacher/test_acc"] for (_, c), cell in cells.items() if c == col
                            for r in cell if r.summary.get("teacher/test_acc") is not None})
-        lines.append("| teacher | " + " | ".join(_fmt(t, digits) if t else "–" for t in map(teachers, col_labels)) + " |")
+        lines.append("| teacher | " + " | ".join(_fmt(teachers(c), digits) if teachers(c) else "–" for c, _ in columns)
+                     + " |")
     for row in row_labels:
-        values = [[100 * r.summary[metric] for r in cells.get((row, col), [])] for col in col_labels]
-        lines.append(f"| {row} | " + " | ".join(text(row, col, v) for col, v in zip(col_labels, values)) + " |")
+        values = [[100 * r.summary[m] for r in cells.get((row, c), []) if r.summary.get(m) is not None]
+                  for c, m in columns]
+        lines.append(f"| {row} | " + " | ".join(text(row, c, v) for (c, _), v in zip(columns, values)) + " |")
     seeds = sorted({len(cell) for cell in cells.values()})
     n = f"{seeds[0]} run{'s' if seeds[0] > 1 else ''}" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]} runs"
     datasets = ", ".join(sorted({str(r.summary.get("dataset")) for r in runs}))
-    caption = (f"Top-1 test accuracy (%) on {datasets} {when}, mean ± std over {n} (seeds) per cell.")
+    what = f"Top-1 test accuracy (%) on {datasets} {when}" if metrics == [metric] else \
+        f"{', '.join(metrics)} (x100) on {datasets}"
+    caption = f"{what}, mean ± std over {n} (seeds) per cell."
     if reference:
         caption += " In parentheses: the reference number and our difference to it."
     return "\n".join(lines) + f"\n\n{caption}\n"
@@ -133,6 +142,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cols", default="teacher,student", help="keys naming the columns (default: teacher,student)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="last", help="which accuracy of a run (default: last)")
     parser.add_argument("--reference", help="YAML of reference accuracies in %%: {row: {column: value}}")
+    parser.add_argument("--metrics", help="comma-separated summary keys to show instead of --protocol's accuracy")
     parser.add_argument("--digits", type=int, default=2)
     parser.add_argument("--teacher-row", action="store_true", help="add a row with the teachers' accuracy")
     parser.add_argument("-o", "--output", help="write the table here too")
@@ -141,8 +151,12 @@ def main(argv=None) -> None:
     if not runs:
         sys.exit(f"kdrun-table: no finished run (a dir with summary.json) under {' '.join(args.dirs)}")
     metric = PROTOCOLS[args.protocol][0]
+    metrics = args.metrics.split(",") if args.metrics else None
+    unknown = [m for m in metrics or () if all(m not in r.summary for r in runs)]
+    if unknown:
+        sys.exit(f"kdrun-table: no run's summary.json has {', '.join(unknown)}; choose --metrics among its keys")
     lacking = [str(r.path) for r in runs if r.summary.get(metric) is None]
-    if lacking:
+    if lacking and not metrics:
         sys.exit(f"kdrun-table: {len(lacking)} run(s) have no {metric} (e.g. {lacking[0]}); --protocol best needs runs "
                  "with a validation split (dataset.val_size): use --protocol last, or best-test for the best test epoch")
     if unfinished:
@@ -150,7 +164,7 @@ def main(argv=None) -> None:
               file=sys.stderr)
     reference = OmegaConf.to_container(OmegaConf.load(args.reference)) if args.reference else None
     out = table(runs, args.rows.split(","), args.cols.split(","), args.protocol, reference, args.digits,
-                args.teacher_row)
+                args.teacher_row, metrics)
     print(out, end="")
     if args.output:
         Path(args.output).write_text(out)
