@@ -65,7 +65,8 @@ class Split:
 
     def stages(self, method: Method, epochs: int) -> list[Stage]:
         """Each experience's stages (the method's for it), on that experience's images, reporting every experience
-        under both protocols and `test` (and `val`) over the classes seen so far."""
+        under both protocols and `test` (and `val`) over the classes seen so far. Each stage's `info` tells the
+        method where it is: `experience` (i), `experiences` (how many), `classes` (i's), `seen` (0..i's)."""
         out = []
         for i, classes in enumerate(self.groups):
             seen = tuple(c for g in self.groups[:i + 1] for c in g)
@@ -82,7 +83,8 @@ class Split:
                     stage, name=f"exp{i}" + (f"/{stage.name}" if len(own) > 1 else ""),
                     data=Selection(classes=seen if self.cumulative else classes), evaluate=sets,
                     fresh_optimizer=stage.fresh_optimizer if k else i == 0 or self.fresh_optimizer,
-                    info={**stage.info, "experience": i, "classes": classes, "seen": seen}))
+                    info={**stage.info, "experience": i, "experiences": len(self.groups), "classes": classes,
+                          "seen": seen}))
         return out
 
     def matrices(self, stages: list[Stage], results: list[dict]) -> dict[str, list[list[float]]]:

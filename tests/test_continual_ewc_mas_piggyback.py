@@ -93,7 +93,7 @@ class FakeLoop:
 
 
 def _stage(i):
-    return Stage("train", 1, info={"experience": i, "classes": (i,), "seen": tuple(range(i + 1))})
+    return Stage("train", 1, info={"experience": i, "experiences": 3, "classes": (i,), "seen": tuple(range(i + 1))})
 
 
 @pytest.mark.parametrize("online", [False, True])
@@ -115,6 +115,10 @@ def test_ewc_keeps_a_penalty_per_experience_or_one_running_fisher(online):
         first, second = method.penalties
         assert torch.allclose(first.importance0, f0, atol=1e-6) and torch.equal(first.anchor0, W)
         assert torch.allclose(second.importance0, f1, atol=1e-6) and torch.equal(second.anchor0, w1)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    method.on_stage_end(_stage(2), FakeLoop(_batches()))  # the last experience: nothing left to protect it in
+    assert method.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in
+                                                               method.state_dict().items())
     # a resumed run makes the same buffers before loading them
     fresh = EWC(_linear(), online=online)
     fresh.on_stage_start(_stage(2), None)

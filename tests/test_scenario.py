@@ -62,7 +62,7 @@ def test_each_experience_draws_its_classes_and_reports_every_experience_under_bo
     assert [s.name for s in stages[:3]] == ["exp0/warm", "exp0/train", "exp1/warm"] and len(stages) == 10
     assert [s.data.classes for s in stages[::2]] == split.groups
     assert [s.fresh_optimizer for s in stages[:4]] == [True, False, True, False]
-    assert stages[2].info == {"mine": 1, "experience": 1, "classes": (2, 3), "seen": (0, 1, 2, 3)}
+    assert stages[2].info == {"mine": 1, "experience": 1, "experiences": 5, "classes": (2, 3), "seen": (0, 1, 2, 3)}
     sets = {s.name: s for s in stages[2].evaluate}
     assert sets["test"].classes == sets["test"].mask == (0, 1, 2, 3)
     for j, group in enumerate(split.groups):

@@ -78,7 +78,7 @@ class EWC(Method):
               "fisher_samples": "[1, inf)"}
 
     def __init__(self, student, teacher=None, weight: float = 10.0, variant: str = "exact", online: bool = False,
-                 gamma: float = 1.0, fisher_samples: int | None = None):
+                 gamma: float = 1.0, fisher_samples: int | None = 1000):
         super().__init__(student)
         self.weight, self.variant, self.online, self.gamma = weight, variant, online, gamma
         self.fisher_samples = fisher_samples
@@ -99,6 +99,8 @@ class EWC(Method):
             warn_if_stiff("ewc", scale * max(float(w.max()) for w in total), loop)
 
     def on_stage_end(self, stage, loop):
+        if stage.info["experience"] == stage.info["experiences"] - 1:
+            return  # the last experience: no later one for its Fisher to protect it in
         mode = self.student.training
         self.student.eval()
         fisher = fisher_diagonal(self.student, self.names, loop.batches("train", classes=stage.info["classes"]),

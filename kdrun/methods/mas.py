@@ -46,6 +46,8 @@ class MAS(Method):
         warn_if_stiff("mas", 2 * self.weight * max(float(w.max()) for w in self.anchors.importances()), loop)
 
     def on_stage_end(self, stage, loop):
+        if stage.info["experience"] == stage.info["experiences"] - 1:
+            return  # the last experience: no later one for its importance to protect it in
         mode = self.student.training
         self.student.eval()
         omega = mas_importance(self.student, self.names, loop.batches("train", classes=stage.info["classes"]),
