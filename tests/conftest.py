@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,20 @@ needs_fashion_mnist = pytest.mark.skipif(
     not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
     reason="Fashion-MNIST is not on disk: apt-get install dataset-fashion-mnist",
 )
+
+
+def preempted(method_cls):
+    """`method_cls` with a `stop_at` argument: it sends itself SIGTERM at that training step, as a preemption."""
+
+    class Preempted(method_cls):
+        def __init__(self, *args, stop_at=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.stop_at, self.steps = stop_at, 0
+
+        def training_step(self, batch):
+            self.steps += 1
+            if self.steps == self.stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().training_step(batch)
+
+    return Preempted

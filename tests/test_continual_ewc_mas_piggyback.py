@@ -3,8 +3,6 @@ the penalties' values and gradients, online EWC's running Fisher, Piggyback's fr
 masks and assembled logits, resume, and each method end to end."""
 
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import kdrun, make_cfg
+from conftest import kdrun, make_cfg, preempted
 from kdrun import data as kdata, scenario as kscenario
 from kdrun.data.sources import digits
 from kdrun.engine import Engine, Interrupted
@@ -237,18 +235,7 @@ def test_piggyback_freezes_the_backbone_keeps_earlier_masks_and_assembles_each_e
         assert torch.allclose(logits[:, list(classes)], direct[:, list(classes)], atol=1e-6)
 
 
-class StopsEWC(EWC):
-    """Sends itself SIGTERM at a given step, as a preemption."""
-
-    def __init__(self, student, stop_at=None, **kw):
-        super().__init__(student, **kw)
-        self.stop_at, self.steps = stop_at, 0
-
-    def training_step(self, batch):
-        self.steps += 1
-        if self.steps == self.stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().training_step(batch)
+StopsEWC = preempted(EWC)
 
 
 def _net():

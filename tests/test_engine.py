@@ -231,6 +231,8 @@ def test_masked_evaluation_restricts_the_logits_to_the_sets_classes():
     assert whole["acc"] == 0.5 and masked["acc"] == 1.0  # class 2 wins the first image unless masked
     by_hand = (-math.log(math.exp(2) / (math.exp(2) + math.exp(1))) - math.log(math.exp(4) / (1 + math.exp(4)))) / 2
     assert masked["loss"] == pytest.approx(by_hand)
+    hidden = evaluate(Fixed(), [{"image": torch.zeros(2, 1), "label": torch.tensor([2, 1])}], classes=(0, 1))
+    assert hidden == {"acc": 0.5, "loss": None}  # an image of a masked-out class: its cross-entropy is infinite
 
 
 def test_methods_see_the_loop_only_through_its_context():

@@ -2,20 +2,17 @@
 and a split run end to end and resumed."""
 
 import json
-import os
-import signal
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import kdrun, make_cfg
+from conftest import kdrun, make_cfg, preempted
 from kdrun import data as kdata, scenario as kscenario
 from kdrun.data.sources import digits
 from kdrun.engine import Engine, Interrupted
 from kdrun.errors import KdrunError
-from kdrun.evaluation import evaluate
 from kdrun.methods.base import Stage
 from kdrun.methods.supervised import Supervised
 
@@ -96,31 +93,7 @@ def test_the_summary_of_an_accuracy_matrix():
                                                             "cl/class_il/forgetting": None}
 
 
-def test_a_masked_evaluation_of_images_whose_class_is_masked_out_has_no_loss():
-    class Fixed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(()))
-
-        def forward(self, x):
-            return torch.tensor([[2.0, 1.0, 3.0], [0.0, 4.0, 1.0]]) + self.w
-
-    out = evaluate(Fixed(), [{"image": torch.zeros(2, 1), "label": torch.tensor([2, 1])}], classes=(0, 1))
-    assert out == {"acc": 0.5, "loss": None}
-
-
-class Stops(Supervised):
-    """Sends itself SIGTERM at a given step, as a preemption."""
-
-    def __init__(self, student, stop_at=None):
-        super().__init__(student)
-        self.stop_at, self.steps = stop_at, 0
-
-    def training_step(self, batch):
-        self.steps += 1
-        if self.steps == self.stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().training_step(batch)
+Stops = preempted(Supervised)
 
 
 # experience 0 trains 2 epochs of 18 steps: stopped at its last step, or in experience 1's second epoch
