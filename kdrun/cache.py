@@ -121,12 +121,21 @@ def split_hash(data: kdata.Data) -> str:
     train = data.splits.train
     if isinstance(train, InMemory):
         return tensor_hash({"images": train.images, "labels": train.labels})
-    samples = getattr(train, "samples", None)
+    samples = _samples(train)
     if samples is None:
         raise KdrunError(f"{data.name}'s training split lists no files to fingerprint; set teacher.cache=false")
     what = {"samples": [[str(p), int(c)] for p, c in samples], "size": data.image_size,
             "test_resize_ratio": data.augment.get("test_resize_ratio", 1.0), "in_chans": data.in_chans}
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def _samples(part) -> list | None:
+    """The (path, class) files a folder split holds, in its order, through the Subsets a validation or labeled
+    split makes of it; None for a split that is not read from files."""
+    if isinstance(part, torch.utils.data.Subset):
+        inner = _samples(part.dataset)
+        return None if inner is None else [inner[i] for i in part.indices]
+    return getattr(part, "samples", None)
 
 
 def read(path: Path, fields: dict, shape: tuple) -> tuple[torch.Tensor, StoredViews | None] | None:

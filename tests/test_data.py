@@ -62,7 +62,7 @@ def test_missing_dataset_offline_names_the_fix(tmp_path):
 
 @needs_fashion_mnist
 def test_fashion_mnist_comes_from_the_debian_package(tmp_path):
-    cfg = make_cfg(f"dataset.root={tmp_path}", "dataset.download=false")
+    cfg = make_cfg(f"dataset.root={tmp_path}", "dataset.download=false", "dataset.val_size=null")
     data = kdata.build(cfg.dataset)
     assert (len(data.splits.train), len(data.splits.test), data.num_classes) == (60000, 10000, 10)
     assert (tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()  # decompressed once

@@ -61,7 +61,8 @@ def test_what_may_change_between_the_sessions_of_a_run_is_not_its_identity():
     same = identity(make_cfg(*RUN))
     assert identity(make_cfg(*RUN, "logger=wandb", "trainer.device=cuda", "trainer.log_every=7", "resume=true",
                              "trainer.checkpoint_every_steps=5", "paths.data_dir=/elsewhere")) == same
-    for other in ("seed=1", "method=dkd", "trainer.max_steps=5", "dataset.val_size=0.1", "teacher.epochs=3"):
+    for other in ("seed=1", "method=dkd", "trainer.max_steps=5", "dataset.val_size=0.2", "dataset.val_size=null",
+                  "teacher.epochs=3"):
         assert identity(make_cfg(*RUN, other)) != same, other
 
 

@@ -120,7 +120,7 @@ def test_funmatch_loss_ignores_labels_and_other_modes_have_no_mixup():
 # a cheap teacher and student on scikit-learn's digits (the same teacher settings in test_eskd and test_cache,
 # so the session trains it once)
 DIGITS = ["dataset=digits", "teacher=mlp", "teacher.epochs=4", "student=mlp", "+student.kwargs.hidden=[32]",
-          "schedule.batch_size=64", "schedule.epochs=1"]
+          "schedule.batch_size=64", "schedule.epochs=1", "dataset.val_size=null"]  # all 1437 training images
 
 
 @pytest.mark.parametrize("mode", ["fixed", "independent", "consistent", "function_matching"])

@@ -14,7 +14,7 @@ from conftest import one_thread_env
 
 RUN = ["dataset=digits", "logger=none", "method=kd", "teacher=mlp", "student=mlp", "schedule.epochs=3",
        "schedule.batch_size=32", "trainer.device=cpu", "trainer.checkpoint_every_steps=5"]
-STEPS = 1437 // 32  # per epoch
+STEPS = (1437 - 142) // 32  # per epoch: digits less the tenth held out for validation (the default val_size)
 
 
 def start(run_dir, *args):
@@ -77,7 +77,8 @@ def test_sigterm_then_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_resul
 
     finish(run_dir)
     (summary, weights, rows), (want, want_weights, want_rows) = result(run_dir), uninterrupted
-    for key in ("test/acc", "test/acc_best", "test/best_epoch", "steps", "epochs", "teacher/test_acc"):
+    for key in ("test/acc", "test/acc_best", "test/best_epoch", "val/acc", "val/best_epoch", "test/acc_at_best_val",
+                "steps", "epochs", "teacher/test_acc"):
         assert summary[key] == want[key], key
     assert all(torch.equal(weights[k], v) for k, v in want_weights.items())
     assert [r["step"] for r in rows if "test/acc" in r] == [STEPS, 2 * STEPS, 3 * STEPS]  # no step logged twice
@@ -109,6 +110,7 @@ def test_two_ranks_spawned_by_kdrun_train_as_one_process(tmp_path, uninterrupted
     want, want_weights, _ = uninterrupted
     assert out.count("kdrun kd on digits") == 1  # one rank prints
     assert summary["steps"] == want["steps"] and summary["test/acc"] == pytest.approx(want["test/acc"], abs=0.01)
+    assert summary["val/acc"] == pytest.approx(want["val/acc"], abs=0.01)  # every rank held out the same images
     for k, v in want_weights.items():  # the same updates, up to the order of floating-point sums
         torch.testing.assert_close(weights[k], v, atol=1e-4, rtol=1e-4)
     assert [r["step"] for r in rows if "test/acc" in r] == [STEPS, 2 * STEPS, 3 * STEPS]  # one rank logs

@@ -13,8 +13,9 @@ from kdrun.errors import KdrunError
 from kdrun.teacher import cache_key
 
 
-def _digits(*overrides):
-    return kdata.build(make_cfg("dataset=digits", *overrides).dataset)
+def _digits(*overrides, val_size="null"):
+    """Digits' 1437 training images, by default every one of them labeled or unlabeled (no validation split)."""
+    return kdata.build(make_cfg("dataset=digits", f"dataset.val_size={val_size}", *overrides).dataset)
 
 
 def test_split_is_stratified_disjoint_and_reproducible():
@@ -49,11 +50,14 @@ def test_the_split_cuts_the_training_set_is_recorded_and_keys_the_teacher():
     record = json.loads(json.dumps(data.split_record()))  # what the run writes to split.json
     assert record["labeled_per_class"] == 5 and record["labeled_index"] == data.labeled_split.labeled_index.tolist()
     assert record["num_unlabeled"] == 1387 and sum(record["unlabeled_per_class"]) == 1387
+    held = _digits("dataset.labeled_per_class=5", val_size=0.1)  # validation images are neither labeled nor unlabeled
+    assert len(held.val) > 0 and len(held.val) + 50 + len(held.labeled_split.unlabeled) == 1437
     keys = {cache_key(make_cfg("dataset=digits", *o)) for o in
             [(), ("dataset.labeled_per_class=5",), ("dataset.labeled_per_class=6",),
              ("dataset.labeled_per_class=5", "dataset.split_seed=1")]}
     assert len(keys) == 4  # a teacher trained on one labeled part is never reused for another
-    assert cache_key(make_cfg("dataset=digits", "dataset.split_seed=1")) == cache_key(make_cfg("dataset=digits"))
+    whole = ("dataset=digits", "dataset.val_size=null")  # no split at all: the seed draws nothing
+    assert cache_key(make_cfg(*whole, "dataset.split_seed=1")) == cache_key(make_cfg(*whole))
 
 
 def test_randaugment_draws_per_image_and_follows_the_generator():

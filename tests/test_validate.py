@@ -25,7 +25,7 @@ CATALOGUE = [
     (["trainer.compile=maybe"], "trainer.compile", "maybe"),
     (["trainer.snapshot_epochs=[0]"], "trainer.snapshot_epochs", "[0]"),
     (["+trainer.max_step=10"], "trainer.max_step", "max_steps"),
-    (["trainer.early_stopping_patience=3"], "trainer.early_stopping_patience", "3"),  # no validation images
+    (["trainer.early_stopping_patience=3", "dataset.val_size=null"], "trainer.early_stopping_patience", "3"),  # no val
     (["schedule.batch_size=0"], "schedule.batch_size", "0"),
     (["schedule.batch_size=12.5"], "schedule.batch_size", "12.5"),
     (["schedule.epochs=-1"], "schedule.epochs", "-1"),
@@ -200,7 +200,8 @@ def test_skip_bad_images_leaves_them_out_and_counts_them(tmp_path, caplog):
     paths = _folder(tmp_path)
     for bad in (paths[3], paths[17], paths[40]):  # two training images, one test image
         bad.write_bytes(b"not an image")
-    cfg = make_cfg("dataset=image_folder", f"dataset.root={tmp_path}", "dataset.skip_bad_images=true")
+    cfg = make_cfg("dataset=image_folder", f"dataset.root={tmp_path}", "dataset.skip_bad_images=true",
+                   "dataset.val_size=null")  # every kept training image is counted
     data = kdata.build(cfg.dataset)
     assert (len(data.splits.train), len(data.splits.test)) == (28, 29)
     assert "left out 2 unreadable images of train/ and 1 of val/" in caplog.text

@@ -19,7 +19,7 @@ FAST = ["dataset=digits", "method=supervised", "student=mlp", "schedule.batch_si
 
 
 def test_validation_images_are_held_out_per_class_with_the_split_seed():
-    whole = kdata.build(make_cfg("dataset=digits").dataset)
+    whole = kdata.build(make_cfg("dataset=digits", "dataset.val_size=null").dataset)
     data = kdata.build(make_cfg("dataset=digits", "dataset.val_size=0.2").dataset)
     labels = whole.splits.train.labels
     assert len(data.val) + len(data.splits.train) == len(labels) and abs(len(data.val) - 0.2 * len(labels)) < 10
@@ -43,7 +43,7 @@ def test_a_bad_validation_size_is_one_sentence_naming_the_field(size):
 
 
 def test_validation_chooses_the_best_checkpoint_and_the_test_set_only_reports(tmp_path):
-    summary = run(make_cfg(*FAST, "dataset.val_size=0.2"), tmp_path)
+    summary = run(make_cfg(*FAST), tmp_path)  # the default holds a tenth out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "test/acc" in r]
     assert len(evals) == 3 and all({"val/acc", "val/loss"} <= set(r) for r in evals)
@@ -53,19 +53,23 @@ def test_validation_chooses_the_best_checkpoint_and_the_test_set_only_reports(tm
     ckpt = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert ckpt["epoch"] == best["epoch"] and ckpt["val_acc"] == best["val/acc"]
     split = json.loads((tmp_path / "split.json").read_text())
-    held_out = kdata.build(make_cfg(*FAST, "dataset.val_size=0.2").dataset).val_index.tolist()
+    held_out = kdata.build(make_cfg(*FAST, "dataset.val_size=0.1").dataset).val_index.tolist()
     assert split["num_val"] == len(held_out) and split["val_index"] == held_out
 
 
 def test_a_teacher_trained_without_the_validation_images_has_its_own_cache_key():
-    assert cache_key(make_cfg("dataset=digits", "dataset.val_size=0.1")) != cache_key(make_cfg("dataset=digits"))
+    whole = ("dataset=digits", "dataset.val_size=null")
+    assert cache_key(make_cfg("dataset=digits")) == cache_key(make_cfg("dataset=digits", "dataset.val_size=0.1"))
+    assert cache_key(make_cfg("dataset=digits", "dataset.val_size=0.1")) != cache_key(make_cfg(*whole))
+    assert cache_key(make_cfg("dataset=digits", "dataset.val_size=0.1")) != cache_key(
+        make_cfg("dataset=digits", "dataset.val_size=0.2"))
     assert cache_key(make_cfg("dataset=digits", "dataset.val_size=0.1")) != cache_key(
         make_cfg("dataset=digits", "dataset.val_size=0.1", "dataset.split_seed=1"))
-    assert cache_key(make_cfg("dataset=digits", "dataset.split_seed=1")) == cache_key(make_cfg("dataset=digits"))
+    assert cache_key(make_cfg(*whole, "dataset.split_seed=1")) == cache_key(make_cfg(*whole))
 
 
 def test_make_table_best_protocol_needs_validation(tmp_path):
-    kdrun(*FAST, "hydra.run.dir=run", cwd=tmp_path)
+    kdrun(*FAST, "dataset.val_size=null", "hydra.run.dir=run", cwd=tmp_path)
     script = Path(__file__).parent.parent / "scripts" / "make_table.py"
     proc = subprocess.run([sys.executable, script, tmp_path, "--protocol", "best"], capture_output=True, text=True)
     assert proc.returncode != 0 and "dataset.val_size" in proc.stderr and "Traceback" not in proc.stderr
@@ -78,6 +82,6 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_better
     summary = run(make_cfg(*FAST, "dataset.val_size=0.2", *frozen), tmp_path)  # nothing learns: epoch 1 stays best
     assert summary["stopped_early"] == 3 and summary["epochs"] == 3 and summary["val/best_epoch"] == 1
     with pytest.raises(KdrunError, match="early_stopping_patience=2 .*dataset.val_size"):
-        run(make_cfg(*FAST, *frozen), tmp_path / "no_val")
+        run(make_cfg(*FAST, "dataset.val_size=null", *frozen), tmp_path / "no_val")
     assert cache_key(make_cfg("dataset=digits", "trainer.early_stopping_patience=2")) != cache_key(
         make_cfg("dataset=digits"))
