@@ -169,8 +169,9 @@ def test_data_free_runs_read_no_training_image(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_dfad_student_beats_chance_on_digits(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    _without_training_images(monkeypatch, "schedule.epochs=8")
-    summary = run(make_cfg(*DIGITS_RUN, "method=dfad", "method.n_student_steps=2", "schedule.epochs=8"), tmp_path)
+    _without_training_images(monkeypatch, "schedule.epochs=8", "dataset.val_size=null")
+    summary = run(make_cfg(*DIGITS_RUN, "method=dfad", "method.n_student_steps=2", "schedule.epochs=8",
+                           "dataset.val_size=null"), tmp_path)
     assert summary["test/acc"] > 0.3 and summary["data/train_images_read"] == 0  # chance: 0.1
 
 
