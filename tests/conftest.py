@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from kdrun.data.sources import DEBIAN_FASHION_MNIST
@@ -24,6 +25,15 @@ def make_cfg(*overrides: str, tmp_path: Path | None = None):
     """The composed config, as `kdrun OVERRIDES` would see it (Hydra's runtime paths set by hand)."""
     with initialize_config_module(config_module="kdrun.conf", version_base="1.3"):
         return compose("config", overrides=["logger=none", *overrides])
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared CPU run far faster on one thread than on threads that wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def one_thread_env() -> dict:

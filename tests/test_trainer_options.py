@@ -15,13 +15,7 @@ from kdrun.run import run
 DIGITS = ["dataset=digits", "method=supervised", "student=cnn_small", "schedule.epochs=1", "schedule.batch_size=64"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU run far faster on one thread than on threads that wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_fp16_with_grad_scaling_trains_on_the_cpu(tmp_path):

@@ -19,12 +19,7 @@ from kdrun.loggers import RunLogger
 from kdrun.methods.supervised import Supervised
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _loaders(batch):

@@ -66,6 +66,19 @@ def warn_if_stiff(method: str, curvature: float, loop) -> None:
                     curvature * loop.lr)
 
 
+def experience_importance(estimate, model: nn.Module, names: list[str], stage, loop, *args) -> list | None:
+    """`estimate(model, names, batches, *args)` (`kdrun.losses.importance`) over the training images of the
+    experience `stage` ends, `model` in eval mode; None after the last experience (no later one to protect it in)."""
+    if stage.info["experience"] == stage.info["experiences"] - 1:
+        return None
+    mode = model.training
+    model.eval()
+    try:
+        return estimate(model, names, loop.batches("train", classes=stage.info["classes"]), *args)
+    finally:
+        model.train(mode)
+
+
 def experience_of(stage, method: str) -> int:
     """The experience a stage trains (`stage.info`), or a KdrunError when the run has no continual scenario."""
     if "experience" not in stage.info:
@@ -99,13 +112,10 @@ class EWC(Method):
             warn_if_stiff("ewc", scale * max(float(w.max()) for w in total), loop)
 
     def on_stage_end(self, stage, loop):
-        if stage.info["experience"] == stage.info["experiences"] - 1:
-            return  # the last experience: no later one for its Fisher to protect it in
-        mode = self.student.training
-        self.student.eval()
-        fisher = fisher_diagonal(self.student, self.names, loop.batches("train", classes=stage.info["classes"]),
-                                 self.variant, self.fisher_samples)
-        self.student.train(mode)
+        fisher = experience_importance(fisher_diagonal, self.student, self.names, stage, loop, self.variant,
+                                       self.fisher_samples)
+        if fisher is None:
+            return
         if self.online and len(self.penalties):
             fisher = [self.gamma * old + new for old, new in zip(self.penalties[0].importances(), fisher)]
         else:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from kdrun.losses.continual import quadratic_penalty
 from kdrun.losses.importance import mas_importance
 from kdrun.methods.base import Method, accuracy
-from kdrun.methods.ewc import Anchors, experience_of, warn_if_stiff
+from kdrun.methods.ewc import Anchors, experience_importance, experience_of, warn_if_stiff
 
 
 class MAS(Method):
@@ -46,13 +46,9 @@ class MAS(Method):
         warn_if_stiff("mas", 2 * self.weight * max(float(w.max()) for w in self.anchors.importances()), loop)
 
     def on_stage_end(self, stage, loop):
-        if stage.info["experience"] == stage.info["experiences"] - 1:
-            return  # the last experience: no later one for its importance to protect it in
-        mode = self.student.training
-        self.student.eval()
-        omega = mas_importance(self.student, self.names, loop.batches("train", classes=stage.info["classes"]),
-                               self.samples)
-        self.student.train(mode)
+        omega = experience_importance(mas_importance, self.student, self.names, stage, loop, self.samples)
+        if omega is None:
+            return
         self.anchors.fill([old + new for old, new in zip(self.anchors.importances(), omega)], self._params())
 
     def penalty(self) -> torch.Tensor:
