@@ -169,6 +169,11 @@ def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.
 def _check_before_training(cfg: DictConfig, data: kdata.Data, method_cls: type[Method]) -> None:
     """Build the student, and the method on an untrained teacher, once, so that a bad model name, method option
     or feature layer fails before a teacher trains; `compose` builds them again, seeded, for the run."""
+    if cfg.get("teachers") and not method_cls.distils_ensemble:
+        # an Ensemble's output is the log of its averaged probabilities: tempered again, it is not Hinton's average
+        raise KdrunError(f"teachers=[...] is an ensemble, which {method_cls.__name__} cannot distil as its paper "
+                         "does; use method=multi_teacher (each teacher's tempered probabilities averaged), or one "
+                         "teacher (teacher=NAME, teachers=[])")
     student = models.build(cfg.student, data)
     if cfg.get("teachers"):  # an ensemble: each member is checked as it is obtained
         return

@@ -181,6 +181,25 @@ def test_unknown_teacher_preset_is_refused(tmp_path):
         run(_cfg("multi_teacher", "teachers=[cnn,nope]"), tmp_path, "multi_teacher")
 
 
+def test_an_ensemble_is_refused_by_a_method_that_takes_one_teacher(tmp_path):
+    """kd would temper the ensemble's averaged log-probabilities again: not Hinton's average of tempered ones."""
+    with pytest.raises(KdrunError, match="teachers=.* use method=multi_teacher"):
+        run(_cfg("kd", "teachers=[cnn,cnn_small]"), tmp_path, "kd")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dkd_says_when_its_warm_up_outlasts_the_schedule(caplog):
+    from kdrun.methods.base import Stage
+    from kdrun.methods.dkd import DKD
+
+    method = DKD(models.create("cnn", 10, in_chans=1, width=4), models.create("cnn", 10, in_chans=1, width=4))
+    with caplog.at_level("WARNING"):
+        method.on_stage_start(Stage("train", 20), None)
+        assert not caplog.records
+        method.on_stage_start(Stage("train", 4), None)
+    assert "end at 0.20 of their weight" in caplog.text  # epochs 1..4 of a 20-epoch ramp
+
+
 def _crd_rows() -> dict[str, list[str]]:
     """Each CRD benchmark pair preset and the methods of the one-multirun command its header gives."""
     from importlib.resources import files

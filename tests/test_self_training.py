@@ -70,6 +70,14 @@ def test_noisy_students_pseudo_labels_come_from_the_un_noised_teacher():
     assert not torch.allclose(batch["unlabeled_image"], clean[batch["unlabeled_index"]])
 
 
+def test_noisy_student_warns_of_a_student_smaller_than_its_teacher(caplog):
+    with caplog.at_level("WARNING"):
+        NoisyStudent(_cnn(), _cnn(), iterations=1)
+        assert not caplog.records
+        NoisyStudent(_cnn(), models.create("cnn", 10, in_chans=1, width=8), iterations=1)
+    assert "smaller than the teacher" in caplog.text
+
+
 def test_noisy_student_balances_classes_and_the_student_becomes_the_teacher():
     method = NoisyStudent(_cnn(), _cnn(), iterations=2, threshold=0.3)
     probs = torch.tensor([[0.9, 0.1, 0.0]] * 3 + [[0.6, 0.4, 0.0]] + [[0.2, 0.8, 0.0]] + [[0.25, 0.25, 0.5]]

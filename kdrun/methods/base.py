@@ -54,6 +54,7 @@ class Method(nn.Module):
 
     needs_teacher: bool = False  # the run provides a trained teacher (checkpoint, cache or trained first)
     trains_teacher: bool = False  # the run builds an untrained teacher, which the method trains (meta pseudo labels)
+    distils_ensemble: bool = False  # its teacher may be `teachers=[...]`'s Ensemble (it reads the members' logits)
     batch_spec = BatchSpec()  # what the training batches carry; a method may set its own in __init__
     teacher_cache = None  # the teacher's cached outputs (kdrun.cache.TeacherCache), handed over by the run
     # the allowed values of `__init__` options, checked before a run starts (kdrun.validate): an interval such as

@@ -7,11 +7,15 @@ setting (beta 2 for resnet56/110 teachers, 6 for vgg13 and wrn_40_2: method=crd/
 `logit_standardization`, both logits are Z-scored first (Sun et al. CVPR 2024).
 """
 
+import logging
+
 import torch.nn.functional as F
 
 from kdrun.data import BatchSpec
 from kdrun.losses import dkd_loss, standardize
 from kdrun.methods.base import Method, accuracy
+
+log = logging.getLogger(__name__)
 
 
 class DKD(Method):
@@ -27,6 +31,12 @@ class DKD(Method):
         self.warmup_epochs, self.ce_weight = warmup_epochs, ce_weight
         self.logit_standardization = logit_standardization
         self.epoch = 0
+
+    def on_stage_start(self, stage, loop):
+        if self.warmup_epochs > stage.epochs:
+            log.warning("method=dkd: its %g-epoch warm-up is longer than the %d-epoch schedule, so the KD terms end "
+                        "at %.2f of their weight; set method.warmup_epochs to at most schedule.epochs (the paper: 20 "
+                        "of 240)", self.warmup_epochs, stage.epochs, min(stage.epochs / self.warmup_epochs, 1.0))
 
     def step(self, batch, loop):
         self.epoch = loop.epoch

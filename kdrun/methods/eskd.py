@@ -4,6 +4,10 @@ Hinton KD (`kdrun.methods.kd`, its options too) for the first `stop_epoch` epoch
 of the schedule), then the KD term is switched off and the student trains on cross-entropy alone. The
 switch is a stage change that keeps the optimizer and LR schedule running; `train/kd_weight` (the KD
 term's weight: alpha, then 0) shows it in the metrics.
+
+This is one of the paper's two remedies for a teacher too strong for its student; the other, the one its abstract
+names, is distilling from an early-stopped teacher (`method=kd teacher.checkpoint=epoch_N`; the experiment/eskd
+presets run both as arms: `*_eskd` is this method, `*_kd_early_teacher` the early-stopped teacher).
 """
 
 import torch

@@ -19,6 +19,7 @@ from kdrun.models.ensemble import Ensemble, MemberLogits
 class MultiTeacher(Method):
     ranges = {"temperature": "(0, inf)", "alpha": "[0, 1]"}
     needs_teacher = True
+    distils_ensemble = True
     batch_spec = BatchSpec(cacheable=True)
 
     def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.9, weights=None):

@@ -8,15 +8,23 @@ images, and `student.drop_rate` / `student.drop_path_rate`) trains from its init
 pseudo-labeled images, the loss of `PseudoLabel`; (4) the student becomes the teacher of the next iteration.
 Each iteration's teacher and student test accuracy goes to metrics.jsonl and summary.json, and each
 iteration's student to checkpoints/iteration<k>.pt.
+
+What differs from the paper: its Algorithm 1 trains the first teacher noised too; the teacher kdrun trains for
+the run is trained without noise (method=supervised; a noised one can be trained with kdrun and given as
+teacher.checkpoint). The paper's students are equal to or larger than their teachers (Sec. 3); a smaller student
+is allowed, with a warning.
 """
 
 import copy
+import logging
 
 import torch
 
 from kdrun.errors import KdrunError
 from kdrun.methods.base import Stage
 from kdrun.methods.pseudo_label import PseudoLabel
+
+log = logging.getLogger(__name__)
 
 
 class NoisyStudent(PseudoLabel):
@@ -30,6 +38,11 @@ class NoisyStudent(PseudoLabel):
         if iterations < 1:
             raise KdrunError(f"method.iterations={iterations}; give at least 1")
         self.iterations = iterations
+        sizes = [sum(p.numel() for p in m.parameters()) for m in (student, teacher)]
+        if sizes[0] < sizes[1]:
+            log.warning("method=noisy_student: the student (%d parameters) is smaller than the teacher (%d); Xie et "
+                        "al. train an equal-or-larger student at every iteration, as it becomes the next teacher",
+                        *sizes)
         self.balance = balance
         self.per_class = per_class
         # the previous iteration's student: the teacher from iteration 2 on
