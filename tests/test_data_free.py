@@ -1,7 +1,10 @@
 """Data-free distillation (DeepInversion, DFAD): the losses against hand values, the adversarial game's signs, that
 no training image is read, and both methods end to end on digits."""
 
+import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from conftest import make_cfg
 
 from kdrun import data as kdata
 from kdrun import models
+from kdrun.engine import Interrupted
 from kdrun.errors import KdrunError
 from kdrun.losses.data_free import (
     bn_statistics_loss,
@@ -164,6 +168,39 @@ def test_data_free_runs_read_no_training_image(tmp_path, monkeypatch):
             state = torch.load(tmp_path / method / "checkpoints" / "last.pt", weights_only=True)["method"]
             assert state["images"].shape == (200, 1, 8, 8) and int(state["rounds_done"]) == 2
             assert summary["test/acc"] > 0.3  # chance: 0.1
+
+
+# digits: 20 steps an epoch, 60 in all; DeepInversion's second round starts at step 40 (its images made at step 41),
+# DFAD's generator steps every second step: stopped in the middle of each
+@pytest.mark.parametrize("method, stop_at", [("deepinversion", 45), ("dfad", 31)])
+def test_a_data_free_run_resumes_exactly(tmp_path, monkeypatch, method, stop_at):
+    """Stopped by SIGTERM and continued, a run ends where the uninterrupted one does: the synthesised images, the
+    generator and its optimizer are the method's checkpointed state, and the random streams the loop's."""
+    torch.set_num_threads(1)
+    cfg = make_cfg(*DIGITS_RUN, f"method={method}", *SMALL[method], "trainer.checkpoint_every_steps=7")
+    whole = run(cfg, tmp_path / "whole")
+    cls = DeepInversion if method == "deepinversion" else DFAD
+    step = cls.step
+
+    def stopping(self, batch, loop):
+        if loop.step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, loop)
+
+    monkeypatch.setattr(cls, "step", stopping)
+    with pytest.raises(Interrupted):
+        run(cfg, tmp_path / "stopped")
+    monkeypatch.setattr(cls, "step", step)
+    resumed = run(cfg, tmp_path / "stopped")
+    for key in ("test/acc", "val/acc", "steps"):
+        assert resumed[key] == whole[key]
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("whole", "stopped")]
+    evaluations = [[r for r in run_rows if "test/acc" in r] for run_rows in rows]  # training rows: other windows
+    assert evaluations[1] == evaluations[0] and len(evaluations[0]) == 3
+    final = [torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["method"] for d in ("whole", "stopped")]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(v, final[1][k]) for k, v in final[0].items()
+                                                      if isinstance(v, torch.Tensor))
 
 
 @pytest.mark.slow
