@@ -126,7 +126,7 @@ def test_method_options_come_from_the_class_signature():
 
     # ESKD takes KD's options through **kd; FitNet its own and FeatureMethod's
     assert set(validate.method_fields(ESKD)) == {"stop_epoch", "stop_fraction", "temperature", "alpha", "kd_weight",
-                                                 "logit_standardization"}
+                                                 "logit_standardization", "ls_std_correction"}
     fields = validate.method_fields(FitNet)
     assert fields["stages"] == "int {1, 2}" and fields["temperature"] == "float (0, inf)"
     assert fields["student_layers"] is None  # unannotated, unranged: anything

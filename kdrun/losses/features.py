@@ -135,7 +135,7 @@ def sp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Ten
 # --------------------------------------------------------------------------- RKD
 
 
-def rkd_distance_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def rkd_distance_loss(s: torch.Tensor, t: torch.Tensor, include_diagonal: bool = False) -> torch.Tensor:
     """Park et al. CVPR 2019 (RKD), eq. (2)-(3): Huber loss between mean-normalised pairwise distances.
 
     s: (B, D_s), t: (B, D_t) embeddings (more dimensions are flattened), B >= 2.
@@ -143,20 +143,24 @@ def rkd_distance_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     of the batch. Huber (smooth L1, delta = 1) between student and teacher psi_D.
     The paper writes a SUM over the pairs; this returns the MEAN over the B(B-1)/2
     distinct pairs (equivalently over the ordered pairs i != j), so the value does
-    not grow with B. The official code averages over all B^2 entries, the zero
-    diagonal included, which is (B-1)/B times this.
+    not grow with B. `include_diagonal=True` averages over all B^2 entries of the
+    distance matrix, its zero diagonal included, as the CRD benchmark's RKDLoss does
+    ((B-1)/B times the default).
     """
     _same_batch(s, t, "rkd_distance_loss")
     _min_batch(s, 2, "rkd_distance_loss")
+    b = s.shape[0]
 
     def psi(x: torch.Tensor) -> torch.Tensor:
         d = F.pdist(x.flatten(1))  # the pairs i < j
         return d / d.mean()
 
+    if include_diagonal:  # each pair twice (i, j and j, i), the B zero diagonal terms add nothing
+        return 2.0 * F.smooth_l1_loss(psi(s), psi(t), reduction="sum", beta=1.0) / (b * b)
     return F.smooth_l1_loss(psi(s), psi(t), reduction="mean", beta=1.0)
 
 
-def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor, include_diagonal: bool = False) -> torch.Tensor:
     """Park et al. CVPR 2019 (RKD), eq. (4)-(5): Huber loss between cosines of the angles of triplets.
 
     s: (B, D_s), t: (B, D_t) embeddings (more dimensions are flattened), B >= 3.
@@ -166,6 +170,9 @@ def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     `rkd_distance_loss`). With the Gram matrix G of the centred embeddings,
     <x_i - x_j, x_k - x_j> = G_ik - G_ij - G_jk + G_jj, so nothing larger than B^3 scalars
     is formed (in float64, against the cancellation); e_ij = 0, with no gradient, where x_i = x_j.
+    `include_diagonal=True` averages over all B^3 entries (j, i, k) instead, the degenerate ones (i = j,
+    k = j: 0 on both sides; i = k: 1 on both sides) included, as the CRD benchmark's RKDLoss does
+    ((B-1)(B-2)/B^2 times the default).
     """
     _same_batch(s, t, "rkd_angle_loss")
     _min_batch(s, 3, "rkd_angle_loss")
@@ -185,6 +192,8 @@ def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return n * r.unsqueeze(2) * r.unsqueeze(1)  # 0 where i = j or k = j
 
     huber = F.smooth_l1_loss(psi(s), psi(t), reduction="none", beta=1.0)
+    if include_diagonal:  # i = k: <e_ij, e_ij> = 1 on both sides, or 0 where x_i = x_j (as the benchmark has it)
+        return (huber.sum() / b**3).to(s.dtype)
     distinct = ~torch.eye(b, dtype=torch.bool, device=s.device)  # i != k
     return (torch.where(distinct, huber, torch.zeros_like(huber)).sum() / (b * (b - 1) * (b - 2))).to(s.dtype)
 
@@ -192,7 +201,8 @@ def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- PKT
 
 
-def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7, reduction: str = "batchmean") -> torch.Tensor:
+def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7, reduction: str = "batchmean",
+             include_diagonal: bool = False) -> torch.Tensor:
     """Passalis & Tefas ECCV 2018 (PKT), cosine-kernel conditional probabilities and KL(teacher || student).
 
     s: (B, D_s), t: (B, D_t) (more dimensions are flattened), B >= 2.
@@ -200,20 +210,23 @@ def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7, reduction: str
     j != i (self-pairs excluded, as in the paper's definition). The paper's loss is
     sum_i sum_{j != i} p^t_{j|i} log(p^t_{j|i} / p^s_{j|i}); this returns that divided by
     B (a batch mean of per-sample KL divergences). `eps` guards the vector norms and
-    the logarithms. The official code keeps the self-pairs and averages over all B^2
-    entries, so its values are about 1/B of these; `reduction="mean"` divides by B^2
-    instead of B, the benchmark's normalisation (for which its weight 30000 was chosen).
+    the logarithms. `reduction="mean"` divides by B^2 instead of B. `include_diagonal=True`
+    keeps the self-pairs j = i (K = 1) in the kernel, its row sums and the divergence, as the
+    official code and the CRD benchmark's PKT do; with `reduction="mean"` that is the
+    benchmark's loss, the mean over all B^2 entries (for which its weight 30000 was chosen).
     """
     _same_batch(s, t, "pkt_loss")
     _check_reduction(reduction, "pkt_loss")
     _min_batch(s, 2, "pkt_loss")
     b = s.shape[0]
-    off_diag = 1.0 - torch.eye(b, dtype=s.dtype, device=s.device)
+    keep = torch.ones(b, b, dtype=s.dtype, device=s.device)
+    if not include_diagonal:
+        keep = keep - torch.eye(b, dtype=s.dtype, device=s.device)
 
     def conditional(x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         x = x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)
-        k = 0.5 * (x @ x.t() + 1.0) * off_diag
+        k = 0.5 * (x @ x.t() + 1.0) * keep
         return k / k.sum(dim=1, keepdim=True)
 
     p_s = conditional(s)
@@ -225,7 +238,10 @@ def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7, reduction: str
 # --------------------------------------------------------------------------- CC
 
 
-def cc_loss(s: torch.Tensor, t: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
+CC_FORMS = ("kernel", "delta_product")
+
+
+def cc_loss(s: torch.Tensor, t: torch.Tensor, gamma: float = 0.4, order: int = 2, form: str = "kernel") -> torch.Tensor:
     """Peng et al. ICCV 2019 (CCKD), L_CC = 1/n^2 ||psi(F_t) - psi(F_s)||^2 with the Taylor-expanded Gaussian RBF.
 
     s: (n, D_s), t: (n, D_t) embeddings (more dimensions are flattened).
@@ -233,8 +249,19 @@ def cc_loss(s: torch.Tensor, t: torch.Tensor, gamma: float = 0.4, order: int = 2
     exp(-gamma ||x - y||^2) = exp(-2 gamma) exp(2 gamma x.y) needs ||x|| = ||y|| = 1. Then
     C_ij = sum_{p=0}^{order} exp(-2 gamma) (2 gamma)^p / p! (x_i . x_j)^p, and the loss is the
     mean over the n^2 entries of (C_s - C_t)^2, the paper's 1/n^2 normalisation.
+
+    `form="delta_product"` is the simplified loss the CRD benchmark runs instead (its `Correlation`, the
+    code the CC authors shared): with delta_i = |s_i - t_i| (s and t of one shape, not normalised; gamma
+    and order unused), the mean over the n - 1 neighbouring pairs of the batch of sum_d delta_i,d delta_i+1,d.
     """
+    if form not in CC_FORMS:
+        raise ValueError(f"cc_loss: form must be one of {CC_FORMS}, got {form!r}")
     _same_batch(s, t, "cc_loss")
+    if form == "delta_product":
+        _min_batch(s, 2, "cc_loss")
+        _same_shape(s.flatten(1), t.flatten(1), "cc_loss")
+        delta = (s.flatten(1) - t.flatten(1)).abs()
+        return (delta[:-1] * delta[1:]).sum(dim=1).mean()
     coeffs = [math.exp(-2.0 * gamma) * (2.0 * gamma) ** p / math.factorial(p) for p in range(order + 1)]
 
     def correlation(x: torch.Tensor) -> torch.Tensor:
@@ -337,18 +364,24 @@ def ab_loss(student_pre_relu: torch.Tensor, teacher_pre_relu: torch.Tensor, marg
 
 
 def ft_loss(
-    student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: float = 1, reduction: str = "batchmean"
+    student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: float = 1, reduction: str = "batchmean",
+    reduce_channels: bool = False,
 ) -> torch.Tensor:
     """Kim et al. NeurIPS 2018 (factor transfer), L_FT = || F_T/||F_T||_2 - F_S/||F_S||_2 ||_p per sample, batch mean.
 
     student_factor, teacher_factor: the translator / paraphraser outputs, same shape,
     (B, C, H, W) or (B, D); each is vectorised and L2-normalised per sample. p = 1 in
-    the paper. The benchmark code uses the mean absolute difference over elements,
-    which is this value (p = 1) divided by the number of elements per sample;
-    `reduction="mean"` returns the mean over elements of |difference|^p (that value for p = 1).
+    the paper. `reduction="mean"` returns the mean over elements of |difference|^p (for
+    p = 1, this value divided by the number of elements per sample). `reduce_channels=True`
+    first replaces each (B, C, H, W) factor by its mean over channels of the squares,
+    mean_c F_c^2 (B, H*W), as the CRD benchmark's FactorTransfer does; with `reduction="mean"`
+    and p = 1 that is the benchmark's loss.
     """
     _same_shape(student_factor, teacher_factor, "ft_loss")
     _check_reduction(reduction, "ft_loss")
+    if reduce_channels:
+        _spatial(student_factor, "ft_loss")
+        student_factor, teacher_factor = student_factor.pow(2).mean(dim=1), teacher_factor.pow(2).mean(dim=1)
     fs = F.normalize(student_factor.flatten(1), p=2, dim=1)
     ft = F.normalize(teacher_factor.flatten(1), p=2, dim=1)
     if reduction == "mean":

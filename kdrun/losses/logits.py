@@ -20,17 +20,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 
-def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def standardize(logits: torch.Tensor, eps: float = 1e-7, correction: int = 0) -> torch.Tensor:
     """Sun et al. CVPR 2024 (Logit Standardization in KD), the Z-score pre-process Z(z) = (z - mean(z)) / std(z).
 
     logits: (B, K). Mean and standard deviation are taken per sample over the K classes;
     the standard deviation is the population one (divide by K, as in the paper's
     definition of sigma(z)), and `eps` is added to it so a constant row gives zeros
-    rather than NaN. Returns a tensor of the same shape. The temperature is applied
-    by the caller afterwards (softmax(standardize(z) / T)).
+    rather than NaN. `correction=1` divides by K - 1 instead, torch's default `std`, which
+    the authors' released code uses. Returns a tensor of the same shape. The temperature
+    is applied by the caller afterwards (softmax(standardize(z) / T)).
     """
     mean = logits.mean(dim=-1, keepdim=True)
-    std = logits.std(dim=-1, keepdim=True, correction=0)
+    std = logits.std(dim=-1, keepdim=True, correction=correction)
     return (logits - mean) / (std + eps)
 
 

@@ -7,6 +7,8 @@ L_KD = H(y, P_S) + lambda * H(P_T^tau, P_S^tau), computed (and logged as `kd`) a
 which differs from the cross-entropy by the teacher's entropy, a constant: the same gradient. lambda is annealed
 linearly from `lambda_start` to `lambda_end` over the stage (tau = 3, lambda 4 -> 1 in the authors' CIFAR
 configuration); the regressor is dropped. `stages=1` is the one-stage variant of the CRD benchmark: CE + weight * L_HT throughout.
+The regressor ends in a ReLU when the hint is a ReLU output (`regressor_relu` null); the CRD benchmark's ConvReg
+always has one (`regressor_relu=true`, method=crd/fitnet), also for WRN's hint, a residual sum that can be negative.
 """
 
 import torch
@@ -46,12 +48,14 @@ class FitNet(FeatureMethod):
 
     def __init__(self, student, teacher, stages: int = 2, hint_epochs: int = 30, weight: float = 100.0,
                  temperature: float = 3.0, lambda_start: float = 4.0, lambda_end: float = 1.0,
-                 ce_weight: float = 1.0, kd_weight: float = 0.0, student_layers=None, teacher_layers=None):
+                 ce_weight: float = 1.0, kd_weight: float = 0.0, regressor_relu: bool | None = None,
+                 student_layers=None, teacher_layers=None):
         super().__init__(student, teacher, weight, ce_weight, kd_weight, temperature, student_layers, teacher_layers)
         self.num_stages = stages
         self.hint_epochs = hint_epochs
         self.lambda_start = lambda_start
         self.lambda_end = lambda_end
+        self.regressor_relu = regressor_relu
 
     def specs(self, model, role, t_feats=None):
         """The hint is the teacher's middle stage; the guided layer the student's middle stage or, when that
@@ -73,7 +77,8 @@ class FitNet(FeatureMethod):
         if len(s_feats) != 1:
             raise KdrunError(f"FitNets guides one student layer by one teacher hint, got {len(s_feats)}; give one "
                              "path each in student.feature_layers and teacher.feature_layers")
-        self.regressor = regressor(s_feats[0].shape, t_feats[0].shape, relu=bool((t_feats[0] >= 0).all()))
+        relu = bool((t_feats[0] >= 0).all()) if self.regressor_relu is None else self.regressor_relu
+        self.regressor = regressor(s_feats[0].shape, t_feats[0].shape, relu=relu)
         x = features.probe_input(self.student, self.input_shape)
         self.guided_params = features.parameters_before(self.student, self.s_hooks.specs[0], x)
 
