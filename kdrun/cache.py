@@ -28,6 +28,7 @@ from kdrun.data.loaders import FolderLoader, Normalize, StoredViews
 from kdrun.data.sources import InMemory
 from kdrun.errors import KdrunError
 from kdrun.methods.base import Method
+from kdrun.models.inputs import Renormalize
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,20 @@ class TeacherCache:
         return self.logits[batch["index"]]
 
 
-def teacher_cache(method: Method, data: kdata.Data, cfg: DictConfig, device) -> TeacherCache | None:
+def teacher_cache(method: Method, data: kdata.Data, cfg: DictConfig, device,
+                  views_change: bool = False) -> TeacherCache | None:
     """The cached outputs of `method`'s teacher on the training set, read from `paths.cache_dir` or built there
     first, when `teacher.cache=true`; with `auto` (the default), only when the method reads nothing but the
-    teacher's logits and the teacher sees clean images (no stored views); else None."""
+    teacher's logits and the teacher sees clean images (no stored views); else None. `views_change`: the training
+    views change over the run (a curriculum's), so only a clean teacher view can be cached."""
     spec = method.batch_spec
     mode = cfg.teacher.get("cache")
     if method.teacher is None or not mode:
         return None
     in_memory = isinstance(data.splits.train, InMemory)
     # without augmentation or mixup, the teacher's view of an in-memory image is the clean image itself
-    clean = spec.teacher_view == "clean" or (in_memory and not kdata.train_augment(data) and not spec.mixup_alpha)
+    clean = spec.teacher_view == "clean" or (in_memory and not kdata.train_augment(data) and not spec.mixup_alpha
+                                             and not views_change)
     if mode == "auto" and not (spec.cacheable and clean):
         return None  # auto: only where the cache gives exactly the teacher's outputs of every step
     if mode not in (True, "auto"):
@@ -69,6 +73,9 @@ def teacher_cache(method: Method, data: kdata.Data, cfg: DictConfig, device) -> 
                          "cache does not hold; set teacher.cache=false (or auto)")
     stored = None
     if not clean:
+        if views_change:
+            raise KdrunError("teacher.cache=true stores the teacher's outputs on fixed views of the images, and the "
+                             "curriculum changes the training views every epoch; set teacher.cache=auto or false")
         if not in_memory:
             raise KdrunError(f"{data.name} is read from files, and stored augmented views (teacher.cache with a method "
                              "whose teacher sees augmented images) need an in-memory dataset; set teacher.cache=false")
@@ -101,9 +108,13 @@ def cache_fields(teacher: torch.nn.Module, data: kdata.Data, stored: StoredViews
         augment = kdata.train_augment(data)
         view = {"teacher": "stored", "views": stored.k, "crop_padding": augment.crop_padding, "flip": augment.flip,
                 "mixup_alpha": stored.mixup_alpha}
-    return {"format": FORMAT, "teacher": tensor_hash(teacher.state_dict()),
-            "dataset": {"name": data.name, "train": split_hash(data), "mean": list(data.mean), "std": list(data.std)},
-            "view": view}
+    fields = {"format": FORMAT, "teacher": tensor_hash(teacher.state_dict()),
+              "dataset": {"name": data.name, "train": split_hash(data), "mean": list(data.mean), "std": list(data.std)},
+              "view": view}
+    own = [m.own for m in teacher.modules() if isinstance(m, Renormalize)]
+    if own:  # teacher.normalize: the same weights fed other inputs (absent otherwise, so older files keep their key)
+        fields["teacher_input"] = own
+    return fields
 
 
 def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:

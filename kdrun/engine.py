@@ -65,6 +65,36 @@ def lr_factor(schedule: DictConfig | dict, step: int, total_steps: int, steps_pe
     raise KdrunError(f"unknown schedule.lr_schedule '{kind}'; use cosine, step or constant")
 
 
+def lr_multipliers(method: torch.nn.Module, lr_groups: dict | None, layer_decay: float | None) -> dict[str, float]:
+    """Each parameter name of `method` (as `method.named_parameters()` gives it) -> its learning-rate multiplier:
+    `lr_groups` maps a name prefix (a module path such as `student.fc`, or a parameter name) to a multiplier, the
+    longest prefix winning; `layer_decay` (timm-style) multiplies the student's parameters by
+    decay ** (their distance from the classifier, `kdrun.models.depth_groups`). Both multiply. Empty for neither."""
+    if not lr_groups and layer_decay is None:
+        return {}
+    names = [n for n, _ in method.named_parameters()]
+    under = lambda name, prefix: name == prefix or name.startswith(prefix + ".")  # noqa: E731
+    for prefix in lr_groups or {}:
+        if not any(under(n, prefix) for n in names):
+            top = sorted({".".join(n.split(".")[:2]) for n in names})
+            raise KdrunError(f"schedule.lr_groups names '{prefix}', which no parameter of the method lies under; give "
+                             f"prefixes of the names of method.named_parameters(), such as {', '.join(top[:12])}")
+    multipliers = {}
+    for name in names:
+        best = max((p for p in lr_groups or {} if under(name, p)), key=len, default=None)
+        multipliers[name] = float(lr_groups[best]) if best is not None else 1.0
+    student = getattr(method, "student", None)
+    if layer_decay is not None and student is not None:
+        from kdrun.models import depth_groups
+
+        depth = depth_groups(student)
+        deepest = max(depth.values(), default=0)
+        for name, d in depth.items():
+            if "student." + name in multipliers:  # (a parameter the method also holds elsewhere is named there)
+                multipliers["student." + name] *= layer_decay ** (deepest - d)
+    return multipliers
+
+
 def train(method: Method, loaders: Loaders, schedule: DictConfig, trainer: DictConfig, run_dir: str | Path | None = None,
           logger: RunLogger | None = None, device="cpu", checkpoint_meta: dict | None = None, desc: str = "train",
           ddp: bool = False, resume: str | Path | None = None, stages: list[Stage] | None = None) -> dict:
@@ -214,15 +244,29 @@ class Engine:
 
     def make_optimizer(self, params, epochs: int, lr_scale: float = 1.0, steps_per_epoch: int | None = None):
         """An optimizer from the `schedule` config (its learning rate times `lr_scale`) and its per-step LR
-        schedule over `epochs` (of `steps_per_epoch` steps; default: the current stage's)."""
-        optimizer = instantiate(self.schedule.optimizer, params=params)
-        for group in optimizer.param_groups:
-            group["lr"] *= lr_scale
+        schedule over `epochs` (of `steps_per_epoch` steps; default: the current stage's). With `schedule.lr_groups`
+        or `schedule.layer_decay`, the parameters fall into groups by learning-rate multiplier (`lr_multipliers`),
+        the group at the base rate first (the one logged as `train/lr`)."""
+        groups = self._lr_groups(list(params))
+        optimizer = instantiate(self.schedule.optimizer, _partial_=True)(params=[{"params": ps} for ps in groups.values()])
+        for group, multiplier in zip(optimizer.param_groups, groups):
+            group["lr"] *= lr_scale * multiplier
         steps_per_epoch = math.ceil((steps_per_epoch or len(self.train_loader)) / self.accumulate)  # optimizer steps
         total = epochs * steps_per_epoch
         schedule = OmegaConf.to_container(self.schedule, resolve=True)  # read per step: a plain dict is far faster
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, total, steps_per_epoch))
         return optimizer, scheduler
+
+    def _lr_groups(self, params: list[torch.Tensor]) -> dict[float, list[torch.Tensor]]:
+        """`params` by learning-rate multiplier (their names read from the method's `named_parameters()`)."""
+        multipliers = lr_multipliers(self.method, self.schedule.get("lr_groups"), self.schedule.get("layer_decay"))
+        if not multipliers:
+            return {1.0: params}
+        names = {id(p): n for n, p in self.method.named_parameters()}
+        groups: dict[float, list[torch.Tensor]] = {1.0: []}
+        for p in params:
+            groups.setdefault(multipliers.get(names.get(id(p)), 1.0), []).append(p)
+        return {m: ps for m, ps in groups.items() if ps}
 
     def evaluate(self, model: torch.nn.Module, on: str | EvalSet = "test") -> dict[str, float]:
         """Accuracy and loss of `model` on an evaluation set (a name: that split, whole)."""
@@ -260,7 +304,7 @@ class Engine:
         self.fit_start = start = time.perf_counter()
         method = self.method
         stages = stages if stages is not None else method.stages(self.schedule.epochs)
-        total_epochs = sum(s.epochs for s in stages)
+        total_epochs = self.total_epochs = sum(s.epochs for s in stages)
         if total_epochs < 1 or any(s.epochs < 0 for s in stages):
             raise KdrunError(f"the {self.desc} run has {total_epochs} epochs to train "
                              f"({', '.join(f'{s.name}: {s.epochs}' for s in stages) or 'no stage'}); give a positive "
@@ -402,6 +446,10 @@ class Engine:
         t_log = time.perf_counter()
         n_batches = len(self.train_loader)
         skip, self.loader_state = self.batch_in_epoch, _loader_state(self.train_loader)
+        if hasattr(self.train_loader, "set_epoch"):  # where training is, for a loader that follows it (curricula)
+            row = self.train_loader.set_epoch(self.epoch, self.total_epochs)
+            if row and not skip:  # a resumed epoch logged it before
+                self.log({"epoch": self.epoch, **row})
         bar = tqdm(total=n_batches, initial=skip, desc=f"{self.desc} {self.epoch + 1}/{self.schedule.epochs}",
                    disable=None if dist.rank() == 0 else True, leave=False, dynamic_ncols=True)
         with bar:

@@ -14,10 +14,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import cache, cost, data as kdata, dist, engine, models, rundir, scenario as kscenario, validate
+from kdrun import curriculum as kcurriculum
 from kdrun.errors import KdrunError
 from kdrun.loggers import RunLogger, plain_config
 from kdrun.methods.base import Method
 from kdrun import teacher as kteacher
+from kdrun import transfer as ktransfer
 from kdrun.teacher import get_teacher
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,10 @@ def run(cfg: DictConfig, run_dir: str | Path, method_name: str | None = None, lo
                         log_config=log_config)
             return json.loads((Path(run_dir) / "summary.json").read_text())
         with dist.process_group(resolve_device(str(cfg.trainer.device))) as device:
+            if cfg.get("active"):  # a loop of runs, one per labeling round (kdrun.active)
+                from kdrun import active
+
+                return active.run(cfg, Path(run_dir), method_name, device)
             return _run(cfg, Path(run_dir), method_name, device)
 
 
@@ -84,10 +90,18 @@ def compose(cfg: DictConfig, device: torch.device, rank: int = 0, world: int = 1
         if scenario is not None:
             scenario.setup(data)
         _check_before_training(cfg, data, method_cls)
+        curriculum = instantiate(cfg.curriculum) if cfg.get("curriculum") else None  # data-side (kdrun.curriculum)
+        if curriculum is not None:
+            kdata.check_curriculum(data, method_cls.batch_spec)
         teacher, teacher_acc = get_teacher(cfg, data, device) if method_cls.needs_teacher else (None, None)
 
     seed_everything(cfg.seed)  # the student's start does not depend on whether the teacher was cached
-    student = models.build(cfg.student, data)
+    student = models.build(cfg.student, data)  # from student.init's weights, student.freeze's parts frozen
+    if cfg.student.get("init") or cfg.student.get("freeze"):
+        trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        log.info("student: %s%s; %d of its %d parameters train", f"from {cfg.student.init}" if cfg.student.get("init")
+                 else "fresh", f", frozen: {', '.join(student.frozen_prefixes)}" if cfg.student.get("freeze") else "",
+                 trained, n_params(student))
     if method_cls.trains_teacher:  # e.g. meta pseudo labels: an untrained teacher, built after the student
         teacher = models.build(cfg.teacher, data)
     if teacher is not None:
@@ -100,10 +114,16 @@ def compose(cfg: DictConfig, device: torch.device, rank: int = 0, world: int = 1
     if cfg.trainer.get("compile"):
         student.compile()
     with dist.rank_zero_first():
-        method.teacher_cache = cache.teacher_cache(method, data, cfg, device)
+        method.teacher_cache = cache.teacher_cache(method, data, cfg, device,
+                                                   views_change=curriculum is not None and curriculum.changes_images)
+    if curriculum is not None:
+        teacher_for_scores = method.teacher if method.needs_teacher else None  # trained (not meta pseudo labels')
+        curriculum.setup(data, device, cfg.trainer.eval_batch_size, teacher=teacher_for_scores)
+        sees_views = method.teacher_cache is None and method.batch_spec.teacher_view != "clean"
+        kcurriculum.check_models(curriculum, data, device, student=student, teacher=teacher if sees_views else None)
     loaders = kdata.Loaders(data, method.batch_spec, cfg.schedule.batch_size, cfg.trainer.eval_batch_size, device,
                             seed=cfg.seed, num_workers=cfg.trainer.num_workers, cache=method.teacher_cache, rank=rank,
-                            world_size=world)
+                            world_size=world, curriculum=curriculum)
     stages = scenario.stages(method, cfg.schedule.epochs) if scenario is not None else None
     return Job(method, data, loaders, teacher_acc, scenario, stages)
 
@@ -117,9 +137,11 @@ def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.
     if cfg.schedule.batch_size % world:
         raise KdrunError(f"schedule.batch_size={cfg.schedule.batch_size} (the global batch) does not split into "
                          f"{world} equal parts; choose a multiple of {world}")
+    main = rank == 0
+    # the downstream tasks' data, read before anything trains (a mistake in them stops the run first)
+    tasks = ktransfer.prepare(cfg.transfer, str(cfg.paths.data_dir)) if main and cfg.get("transfer") else None
     job = compose(cfg, device, rank, world)
     method, data = job.method, job.data
-    main = rank == 0
     last = run_dir / "checkpoints" / "last.pt"
     logger = RunLogger(run_dir, cfg.logger, plain_config(cfg), job_type="distill" if method.teacher is not None
                        else "train") if main else RunLogger(None)
@@ -144,26 +166,35 @@ def _run(cfg: DictConfig, run_dir: Path, method_name: str | None, device: torch.
             matrices = job.scenario.matrices(job.stages, stage_results)
             summary.update(kscenario.summary(matrices))
             kscenario.write(run_dir, job.scenario, matrices, logger)
-        teacher = method.teacher
-        summary = {
-            **summary,
-            "teacher/test_acc": job.teacher_acc,
-            "method": method_name or type(method).__name__.lower(),
-            "dataset": data.name,
-            "student": cfg.student.name,
-            "teacher": (getattr(teacher, "name", None) or cfg.teacher.name) if teacher is not None else None,
-            "student/params": n_params(method.student),
-            "teacher/params": n_params(teacher) if teacher is not None else None,
-            **_costs(method.student, teacher, data),
-            **job.loaders.summary(),
-            "seed": cfg.seed,
-            "wall_s": round(setup_s + summary["wall_s"], 3),  # summed over the sessions of a resumed run
-        }
+        if tasks is not None:  # the student's features on downstream tasks (kdrun.transfer)
+            summary.update(ktransfer.evaluate_run(cfg, method, run_dir, device, tasks))
+        summary = {**report(cfg, job, summary, method_name),
+                   "wall_s": round(setup_s + summary["wall_s"], 3)}  # summed over the sessions of a resumed run
         logger.summary(summary)
         logger.checkpoint(run_dir / "checkpoints" / "best.pt")
     finally:
         logger.close()
     return summary
+
+
+def report(cfg: DictConfig, job: Job, summary: dict, method_name: str | None = None) -> dict:
+    """The engine's summary of `job` with what the run reports beside it: the method, data, models, costs, seed."""
+    method, data = job.method, job.data
+    teacher = method.teacher
+    return {
+        **summary,
+        "teacher/test_acc": job.teacher_acc,
+        "method": method_name or type(method).__name__.lower(),
+        "dataset": data.name,
+        "student": cfg.student.name,
+        "teacher": (getattr(teacher, "name", None) or cfg.teacher.name) if teacher is not None else None,
+        "student/params": n_params(method.student),
+        "train/params_trained": sum(p.numel() for p in method.parameters() if p.requires_grad),
+        "teacher/params": n_params(teacher) if teacher is not None else None,
+        **_costs(method.student, teacher, data),
+        **job.loaders.summary(),
+        "seed": cfg.seed,
+    }
 
 
 def _check_before_training(cfg: DictConfig, data: kdata.Data, method_cls: type[Method]) -> None:
@@ -224,6 +255,12 @@ def format_summary(s: dict, run_dir) -> str:
         rows.append("  continual" + "".join(
             f"   {p.replace('_', '-')} acc {s[f'cl/{p}/acc']:.4f}"
             + (f" (bwt {s[f'cl/{p}/bwt']:+.4f})" if s[f"cl/{p}/bwt"] is not None else "") for p in kscenario.PROTOCOLS))
+    transfer = {k[9:-4]: v for k, v in s.items() if k.startswith("transfer/") and k.endswith("/acc")}
+    if transfer:  # transfer/<task>/acc (the linear probe), transfer/<task>/finetune/acc
+        rows.append("  transfer " + "".join(f"   {task} {acc:.4f}" for task, acc in transfer.items()))
+    if "active/labels" in s:  # an active-learning loop (kdrun.active): its curve, the last round's numbers above
+        rows.append(f"  active   {s['active/heuristic']}, test acc by labels: " + "  ".join(
+            f"{n}: {a:.4f}" for n, a in zip(s["active/labels"], s["active/test_acc"])))
     rows.append(f"  time     {s['wall_s']:.1f} s   {s['steps']} steps   {s['train/samples_per_s']} train samples/s")
     rows.append(f"  run dir  {run_dir}")
     return "\n".join(rows)

@@ -98,8 +98,8 @@ def restore(run_dir: str | Path) -> bool:
     ours = set(before["hydra"]) | {before["log"][0]}  # what Hydra wrote before kdrun ran
     now = {k: v for k, v in _listing(run_dir).items() if run_dir / k not in ours}
     old = {k: v for k, v in (before["listing"] or {}).items() if run_dir / k not in ours}
-    if any(now.get(k) != v for k, v in old.items()) or any(
-            k.startswith("checkpoints" + os.sep) for k in set(now) - set(old)):
+    if any(now.get(k) != v for k, v in old.items()) or any(  # also a nested run's (an active-learning round's)
+            "checkpoints" in Path(k).parts[:-1] for k in set(now) - set(old)):
         return False
     if before["created"] is not None:  # a fresh run dir: remove it, and the parents this command made
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -153,7 +153,8 @@ def _flat(tree, prefix: str = "") -> dict:
 
 def check_same_run(cfg: DictConfig, run_dir: str | Path) -> None:
     """Refuse to continue `run_dir`'s checkpoints/last.pt with a config other than the one that wrote it: one
-    sentence naming the first keys that differ. A last.pt from before kdrun recorded its config passes."""
+    sentence naming the first keys that differ. A last.pt from before kdrun recorded its config passes, and so does
+    one from before a field existed when this session leaves that field unset (null or empty: it changes nothing)."""
     from kdrun import checkpoint  # torch: not for the callback above
 
     last = Path(run_dir) / "checkpoints" / "last.pt"
@@ -163,7 +164,8 @@ def check_same_run(cfg: DictConfig, run_dir: str | Path) -> None:
     if saved is None:
         return
     mine = identity(cfg)
-    differ = [k for k in dict.fromkeys([*saved, *mine]) if saved.get(k, "<unset>") != mine.get(k, "<unset>")]
+    differ = [k for k in dict.fromkeys([*saved, *mine]) if saved.get(k, "<unset>") != mine.get(k, "<unset>")
+              and not (k not in saved and mine[k] in (None, [], {}))]
     if differ:
         shown = ", ".join(f"{k}={mine.get(k, '<unset>')} (the run dir has {saved.get(k, '<unset>')})"
                           for k in differ[:3])

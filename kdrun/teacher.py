@@ -39,6 +39,8 @@ def cache_key(cfg: DictConfig, data: kdata.Data | None = None) -> str:
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in ("root", "download")}
     dataset["source"] = {k: v for k, v in dataset["source"].items() if k not in ("root", "download")}
     split = {k: dataset.pop(k, None) for k in ("labeled_per_class", "labeled_fraction", "split_seed")}
+    if dataset.get("classes", 0) is None:  # unset: the key a teacher had before dataset.classes existed
+        del dataset["classes"]
     val_size = dataset.pop("val_size", None)
     schedule = OmegaConf.to_container(teacher_schedule(cfg), resolve=True)
     what = {
@@ -46,8 +48,12 @@ def cache_key(cfg: DictConfig, data: kdata.Data | None = None) -> str:
         "teacher": {k: OmegaConf.to_container(cfg.teacher, resolve=True).get(k) for k in ("name", "kwargs", "pretrained")},
         "max_steps": cfg.trainer.get("max_steps"), "precision": str(cfg.trainer.precision),
     }
+    if cfg.teacher.get("normalize"):  # its own input normalisation: the same weights see other inputs
+        what["teacher"]["normalize"] = OmegaConf.to_container(cfg.teacher.normalize, resolve=True)
     if cfg.teacher.get("_target_"):  # a model of the user's own: its arguments sit beside _target_
         what["teacher"]["kwargs"] = models.constructor_kwargs(cfg.teacher)
+    if cfg.teacher.get("init"):  # fine-tuned from these weights: their content counts, not the file's name
+        what["init"] = tensor_hash(models.init_state(cfg.teacher.init, "teacher.init"))
     if split["labeled_per_class"] is not None or split["labeled_fraction"] is not None:
         what["split"] = split  # trained on the labeled part only
     if val_size is not None:
@@ -70,7 +76,12 @@ def teacher_schedule(cfg: DictConfig) -> DictConfig:
     name = cfg.teacher.get("schedule")
     schedule = cfg.schedule if name is None else _preset("schedule", name, f"teacher.schedule={name}",
                                                          "or null for the student's")
-    return OmegaConf.merge(schedule, {"epochs": cfg.teacher.epochs})
+    schedule = OmegaConf.merge(schedule, {"epochs": cfg.teacher.epochs})
+    with open_dict(schedule):
+        for key in ("lr_groups", "layer_decay"):  # the student's LR groups are its own; unset ones leave the cache key
+            if name is None or not schedule.get(key):
+                schedule.pop(key, None)
+    return schedule
 
 
 def _preset(group: str, name: str, asked: str, otherwise: str) -> DictConfig:
@@ -198,7 +209,7 @@ def _train(cfg: DictConfig, data: kdata.Data, device, run_dir: Path, snapshot_ep
     """Train the teacher with method=supervised for teacher.epochs (or up to `stop_epoch`); the model and summary.
     `logger`: where its metrics go (default: run_dir/metrics.jsonl alone)."""
     torch.manual_seed(cfg.teacher.seed)  # the teacher's start depends on teacher.seed alone, as its cache key does
-    teacher = models.build(cfg.teacher, data).to(device)
+    teacher = models.build(cfg.teacher, data).to(device)  # from teacher.init's weights, when it names some
     torch.manual_seed(cfg.teacher.seed)
     method = Supervised(teacher).to(device)
     schedule = teacher_schedule(cfg)
@@ -246,7 +257,7 @@ def get_teachers(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mo
             entry = _preset("teacher", entry, f"teachers=[...] names '{entry}', which",
                             "or a teacher config such as {name: resnet8}")
         member = OmegaConf.to_container(cfg.teacher)  # a member inherits epochs and seed, not the architecture
-        member.update(name=None, kwargs={}, checkpoint=None, pretrained=False)
+        member.update(name=None, kwargs={}, checkpoint=None, pretrained=False, init=None, normalize=None)
         member = OmegaConf.merge(member, entry)
         sub = cfg.copy()
         with open_dict(sub):

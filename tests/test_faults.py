@@ -23,7 +23,7 @@ from kdrun.data.sources import digits
 from kdrun.engine import Engine
 from kdrun.errors import KdrunError
 from kdrun.loggers import RunLogger
-from kdrun.rundir import identity
+from kdrun.rundir import check_same_run, identity
 from kdrun.methods.kd import KD
 from kdrun.methods.supervised import Supervised
 from kdrun.teacher import get_teacher
@@ -64,6 +64,18 @@ def test_what_may_change_between_the_sessions_of_a_run_is_not_its_identity():
     for other in ("seed=1", "method=dkd", "trainer.max_steps=5", "dataset.val_size=0.2", "dataset.val_size=null",
                   "teacher.epochs=3"):
         assert identity(make_cfg(*RUN, other)) != same, other
+
+
+def test_a_run_from_before_a_field_existed_continues_while_the_field_is_left_unset(tmp_path):
+    """A field a later kdrun added (student.init, dataset.classes...) is absent from an older last.pt's config: left
+    null or empty it changes nothing, so the run continues; given a value, it is another run."""
+    cfg = make_cfg(*RUN)
+    older = {k: v for k, v in identity(cfg).items() if k not in ("student.init", "student.freeze", "dataset.classes")}
+    assert len(older) == len(identity(cfg)) - 3
+    checkpoint.save({"config": older}, tmp_path / "checkpoints" / "last.pt")
+    check_same_run(cfg, tmp_path)
+    with pytest.raises(KdrunError, match=r"student.init=best.pt \(the run dir has <unset>\)"):
+        check_same_run(make_cfg(*RUN, "student.init=best.pt"), tmp_path)
 
 
 def test_a_bad_value_leaves_no_run_dir(tmp_path):

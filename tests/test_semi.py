@@ -72,6 +72,83 @@ def test_randaugment_draws_per_image_and_follows_the_generator():
         semi.RandAugment(2, 40)
 
 
+@pytest.mark.parametrize("name, magnitude, size, expected", [
+    ("Rotate", 5, 32, 15.0), ("Rotate", 27, 224, 81.0),  # degrees: 30 at M = 10, extrapolated beyond
+    ("ShearX", 5, 32, 0.15), ("Posterize", 5, 32, 2), ("Solarize", 5, 32, 128), ("SolarizeAdd", 5, 32, 55),
+    ("Color", 5, 32, 1.0), ("Sharpness", 10, 32, 1.9), ("Brightness", 0, 32, 0.1),
+    ("TranslateX", 5, 32, 2.0), ("TranslateY", 5, 224, 50.0), ("Cutout", 5, 224, 20), ("Cutout", 16, 32, 6),
+    ("Invert", 27, 32, None)])
+def test_the_authors_scale_maps_a_level_linearly_to_each_operations_maximum(name, magnitude, size, expected):
+    # tensorflow/tpu efficientnet autoaugment.py and meta_pseudo_labels/augment.py: level / 10 * maximum;
+    # translate and cutout 100 and 40 px on ImageNet, image_size // 8 on CIFAR (MPL)
+    assert semi.authors_argument(name, magnitude, size) == pytest.approx(expected) if expected is not None \
+        else semi.authors_argument(name, magnitude, size) is None
+
+
+def _angle(image: torch.Tensor) -> float:
+    """The angle (degrees, counter-clockwise) of the bright pixels about the image centre, from their centroid."""
+    ys, xs = torch.nonzero(image[0, 0] == 255, as_tuple=True)
+    c = (image.shape[-1] - 1) / 2
+    return float(torch.rad2deg(torch.atan2(-(ys.float().mean() - c), xs.float().mean() - c)))
+
+
+def test_the_authors_rotate_at_magnitude_5_turns_the_image_15_degrees():
+    x = torch.zeros(1, 1, 65, 65, dtype=torch.uint8)
+    x[0, 0, 32, 33:64] = 255  # a ray from the centre to the right: angle 0
+    ra = semi.RandAugment(1, 5, scale="noisy_student")
+    out = ra._apply("Rotate", x, 1, torch.Generator())
+    assert abs(_angle(out)) == pytest.approx(15.0, abs=1.0)
+    assert _angle(ra._apply("Rotate", x, -1, torch.Generator())) == pytest.approx(-_angle(out), abs=1.0)
+    assert (out[0, 0, 0, 0] == semi.FILL) and abs(_angle(semi.RandAugment(1, 5)._apply("Rotate", x, 1, None))) \
+        == pytest.approx(5.0, abs=1.0)  # torchvision's bin 5 of 0..30 rotates 5 degrees, filled black
+    dot = torch.zeros(1, 1, 65, 65, dtype=torch.uint8)
+    dot[0, 0, 32, 20] = 255
+    shifted = ra._apply("TranslateX", dot, 1, torch.Generator())  # 65 px: 65 // 8 = 8 px at M = 10, 4 px at M = 5
+    assert torch.nonzero(shifted[0, 0] == 255).tolist() in ([[32, 16]], [[32, 24]])
+
+
+@pytest.mark.parametrize("scale", ["noisy_student", "mpl"])
+@pytest.mark.parametrize("chans", [1, 3])
+def test_every_authors_operation_runs_on_a_uint8_batch(scale, chans):
+    x = torch.randint(0, 256, (4, chans, 16, 16), dtype=torch.uint8)
+    ra = semi.RandAugment(2, 27, scale=scale)
+    for name, signed in ra.ops:
+        out = ra._apply(name, x, -1 if signed else 1, torch.Generator().manual_seed(0))
+        assert out.dtype == torch.uint8 and out.shape == x.shape, name
+    assert ("SolarizeAdd" in dict(ra.ops)) == (scale == "noisy_student") and len(ra.ops) == 16 - (scale == "mpl")
+
+
+@pytest.mark.parametrize("scale", ["torchvision", "noisy_student", "mpl"])
+def test_randaugment_draws_are_reproducible_from_the_generator(scale):
+    x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).expand(64, 3, 16, 16).contiguous()
+    ra = semi.RandAugment(num_ops=2, magnitude=9, scale=scale)
+    a, b = ra(x, torch.Generator().manual_seed(0)), ra(x, torch.Generator().manual_seed(0))
+    c = ra(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(x[0], x[1])
+    assert len({img.numpy().tobytes() for img in a}) > 20  # drawn per image
+    unchanged = sum(torch.equal(img, x[0]) for img in a)
+    if scale == "mpl":  # each operation happens with the image's probability in [0.2, 0.8]
+        assert unchanged >= 2
+
+
+def test_randaugment_scales_and_their_ranges():
+    with pytest.raises(KdrunError, match="scale 'paper' is unknown"):
+        semi.RandAugment(2, 9, scale="paper")
+    with pytest.raises(KdrunError, match="outside 0..30 on the authors' scale"):
+        semi.RandAugment(2, 31, scale="mpl")
+    assert semi.RandAugment(2, 27, scale="noisy_student").magnitude == 27
+    semi.Stream(ratio=1, randaugment={"num_ops": 2, "magnitude": 27, "scale": "noisy_student"})
+
+
+def test_the_paper_presets_use_the_authors_scale_and_the_measured_ones_torchvision():
+    for method, magnitude in (("noisy_student", 27), ("mpl", 16)):  # Xie et al.'s M, Pham et al.'s augment_magnitude
+        ra = make_cfg(f"method={method}").method.randaugment
+        assert (ra.scale, ra.magnitude) == (method, magnitude)
+    for arm in ("noisy_student", "mpl"):  # measured on torchvision's scale (README)
+        ra = make_cfg(f"experiment=self_training/fashion_mnist_{arm}").method.randaugment
+        assert (ra.scale, ra.magnitude) == ("torchvision", 9)
+
+
 def test_unlabeled_stream_sits_beside_the_labeled_batches():
     data = _digits("dataset.labeled_per_class=5")
     stream = semi.Stream(ratio=3, randaugment={"num_ops": 2, "magnitude": 9}, weak_view=True)

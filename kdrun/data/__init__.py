@@ -2,6 +2,7 @@
 stage draws and reports on (`Selection`, `EvalSet`), and the loader factory the run hands the engine
 (`Loaders`)."""
 
+import copy
 import hashlib
 import json
 import os
@@ -138,7 +139,34 @@ def build(cfg: DictConfig) -> Data:
     std = list(cfg.std) if cfg.get("std") else [0.5] * splits.in_chans
     if len(mean) != splits.in_chans:  # a grey-scale dataset read as RGB, or the reverse
         mean, std = [sum(mean) / len(mean)] * splits.in_chans, [sum(std) / len(std)] * splits.in_chans
+    if cfg.get("classes") is not None:
+        splits = select_classes(splits, list(cfg.classes))
     return semi.split(hold_out(Data(cfg.name, splits, mean, std, dict(cfg.get("augment") or {})), cfg), cfg)
+
+
+def select_classes(splits: Splits, classes: list[int]) -> Splits:
+    """`splits` with only the images of `classes` (`dataset.classes`), relabelled 0..k-1 in the order given."""
+    if not classes or len(set(classes)) != len(classes) or not all(0 <= c < splits.num_classes for c in classes):
+        raise KdrunError(f"dataset.classes={classes}; give distinct class numbers between 0 and "
+                         f"{splits.num_classes - 1}, e.g. [0, 2, 4, 6]")
+    relabel = torch.full((splits.num_classes,), -1, dtype=torch.long)
+    relabel[torch.as_tensor(classes)] = torch.arange(len(classes))
+
+    def keep(part):
+        if isinstance(part, InMemory):
+            mine = relabel[part.labels] >= 0
+            return InMemory(part.images[mine], relabel[part.labels[mine]])
+        if not hasattr(part, "samples"):
+            raise KdrunError(f"dataset.classes needs an in-memory dataset or an image folder, not a "
+                             f"{type(part).__name__}; leave dataset.classes unset")
+        part = copy.copy(part)  # an ImageFolder: the samples of the classes, relabelled
+        part.samples = [(path, int(relabel[y])) for path, y in part.samples if relabel[y] >= 0]
+        part.imgs, part.targets = part.samples, [y for _, y in part.samples]
+        part.classes = [part.classes[c] for c in classes]
+        part.class_to_idx = {name: i for i, name in enumerate(part.classes)}
+        return part
+
+    return replace(splits, train=keep(splits.train), test=keep(splits.test), num_classes=len(classes))
 
 
 def hold_out(data: Data, cfg: DictConfig) -> Data:
@@ -198,16 +226,20 @@ class Loaders:
     ranks, this rank's share of each (the batch sizes are global)."""
 
     def __init__(self, data: Data, spec: BatchSpec, batch_size: int, eval_batch_size: int, device, seed: int,
-                 num_workers: int = 0, cache=None, rank: int = 0, world_size: int = 1):
-        """`cache`: the teacher cache (`kdrun.cache.TeacherCache`) the method reads, or None."""
+                 num_workers: int = 0, cache=None, rank: int = 0, world_size: int = 1, curriculum=None):
+        """`cache`: the teacher cache (`kdrun.cache.TeacherCache`) the method reads, or None. `curriculum`: the
+        run's `kdrun.curriculum.Curriculum`, which its training loaders follow, or None."""
         if spec.unlabeled is not None:
             semi.check(data, world_size)  # before any work: the unlabeled stream needs a split, in memory
+        if curriculum is not None:
+            check_curriculum(data, spec)
         self.data, self.spec, self.device, self.seed = data, spec, device, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.views = Views(spec.teacher_view, spec.mixup_alpha, cached=cache is not None,
                            stored=cache.stored if cache is not None else None)
         self.shard = {"rank": rank, "world_size": world_size}
         self.normalize = Normalize(data.mean, data.std, device)
+        self.curriculum = curriculum
         self._train, self._eval, self._states = {}, {}, {}
 
     @staticmethod
@@ -239,7 +271,7 @@ class Loaders:
         if isinstance(train, InMemory):
             return TensorLoader(train, self.batch_size, self.normalize, self.device, shuffle=True, drop_last=True,
                                 augment=train_augment(data), seed=self.seed, views=self.views, positions=where,
-                                **self.shard)
+                                curriculum=self.curriculum, **self.shard)
         train_tf, test_tf = folder_transforms(data)
         teacher_tf = None if self.views.cached else {"independent": train_tf, "clean": test_tf}.get(self.views.teacher)
         return FolderLoader(train, train_tf, self.batch_size, self.normalize, self.device, shuffle=True, drop_last=True,
@@ -277,6 +309,18 @@ class Loaders:
                 self._train[key].load_state_dict(state)
             else:
                 self._states[key] = state
+
+
+def check_curriculum(data: Data, spec: BatchSpec) -> None:
+    """One sentence naming the fix when a curriculum cannot run on `data` with batches as `spec` declares."""
+    what = ("reads no training image" if not spec.reads_training_images
+            else "draws unlabeled batches too" if spec.unlabeled is not None else None)
+    if what:
+        raise KdrunError(f"a curriculum orders and transforms the training images, and this method {what}; "
+                         "leave the curriculum out (curriculum=null)")
+    if not isinstance(data.splits.train, InMemory):
+        raise KdrunError(f"{data.name} is read from files, and a curriculum needs the in-memory loader (mnist, "
+                         "fashion_mnist, cifar10, cifar100, svhn, digits); choose one of those or curriculum=null")
 
 
 def folder_transforms(data: Data):

@@ -162,10 +162,12 @@ class TensorLoader:
 
     def __init__(self, data: InMemory, batch_size: int, normalize: Normalize, device, shuffle: bool = False,
                  drop_last: bool = False, augment: BatchAugment | None = None, seed: int = 0,
-                 views: Views = Views(), rank: int = 0, world_size: int = 1, positions: torch.Tensor | None = None):
+                 views: Views = Views(), rank: int = 0, world_size: int = 1, positions: torch.Tensor | None = None,
+                 curriculum=None):
         """With several ranks (`kdrun.dist`), `batch_size` is the global batch: every rank draws the same
         batches (one shared order and stream of random draws) and takes its slice of each, so together
-        they see what a single process would. `positions`: draw only these images of `data`."""
+        they see what a single process would. `positions`: draw only these images of `data`. `curriculum`:
+        a `kdrun.curriculum.Curriculum` that chooses a shuffled loader's order and its training views."""
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.positions = positions.to(self.images.device) if positions is not None else None
@@ -179,6 +181,7 @@ class TensorLoader:
         self.mix = Mixer(views.mixup_alpha, self.generator, seed) if views.mixup_alpha else None
         self.stored = views.stored.to(device) if views.stored is not None else None
         self.rank, self.world_size = rank, world_size
+        self.curriculum = curriculum
 
     @property
     def num_images(self) -> int:
@@ -195,6 +198,10 @@ class TensorLoader:
     def load_state_dict(self, state: dict) -> None:
         _set_random_state(self.generator, self.mix, state)
 
+    def set_epoch(self, epoch: int, total_epochs: int) -> dict:
+        """Tell the curriculum (if any) which epoch of how many comes next; what it does in it, for the metrics."""
+        return self.curriculum.set_epoch(epoch, total_epochs) if self.curriculum is not None else {}
+
     def _shard(self, batch: dict) -> dict:
         if self.world_size == 1:
             return batch
@@ -204,15 +211,21 @@ class TensorLoader:
         """A fresh draw of the training view: augmentation, normalisation, mixup within the batch."""
         if self.augment is not None:
             x = self.augment(x, self.generator)
+        if self.curriculum is not None:
+            x = self.curriculum.view(x, self.generator)
         x = self.normalize(x)
         return self.mix(x) if self.mix is not None else x
 
     def __iter__(self):
         n = self.num_images
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.images.device)
-        if self.positions is not None:
-            order = self.positions[order]
+        if self.shuffle and self.curriculum is not None:
+            every = self.positions if self.positions is not None else torch.arange(n, device=self.images.device)
+            order = self.curriculum.order(every, self.generator, self.batch_size)
+        else:
+            order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+            order = order.to(self.images.device)
+            if self.positions is not None:
+                order = self.positions[order]
         teacher = self.views.teacher
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
@@ -230,6 +243,9 @@ class TensorLoader:
                 batch["teacher_image"] = self._view(x)
             elif teacher == "clean" and not self.views.cached:
                 batch["teacher_image"] = self.normalize(x)
+            if self.curriculum is not None and teacher != "clean" and not self.views.cached:
+                seen = batch.get("teacher_image", batch["image"])
+                batch["teacher_image"] = self.curriculum.teacher_view(seen, tuple(x.shape[-2:]))
             yield self._shard(batch)
 
 

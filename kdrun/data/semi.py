@@ -14,6 +14,7 @@ unlabeled `Stream` also get, per step, `unlabeled_ratio` x batch_size unlabeled 
 An epoch stays one pass over the labeled images; the unlabeled stream runs on across epochs.
 """
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -107,47 +108,167 @@ def split(data, cfg):
 
 
 # ---- RandAugment -------------------------------------------------------------------------------------
+SCALES = ("torchvision", "noisy_student", "mpl")
+
+# The authors' RandAugment, from their released code: Noisy Student (google-research/noisystudent randaugment.py,
+# as tensorflow/tpu models/official/efficientnet/autoaugment.py `distort_image_with_randaugment`) and MPL
+# (google-research meta_pseudo_labels/augment.py `RandAugment`). A level M maps linearly to each operation's
+# argument, M / 10 of its value at 10 (`_MAX_LEVEL`); M beyond 10 extrapolates (Noisy Student's M = 27).
+# name -> (argument at M = 10, signed: negated for half the images); None: the operation takes no argument.
+AUTHORS_OPS = {
+    "AutoContrast": None, "Equalize": None, "Invert": None,
+    "Rotate": (30.0, True),                     # degrees
+    "Posterize": (4, False),                    # bits kept, int(); fewer bits (a harsher op) at a smaller M
+    "Solarize": (256, False),                   # threshold, int(); inverts less at a larger M, nothing from 256 up
+    "Color": (1.8, False), "Contrast": (1.8, False), "Brightness": (1.8, False), "Sharpness": (1.8, False),
+    "ShearX": (0.3, True), "ShearY": (0.3, True),  # the shear coefficient (1, s; 0, 1) about the top-left corner
+    "TranslateX": ("translate", True), "TranslateY": ("translate", True),  # pixels
+    "Cutout": ("cutout", False),                # pixels, int(): a 2c x 2c square of grey (128) at a random centre
+    "SolarizeAdd": (110, False),                # int(): added to the pixels below 128
+}
+ENHANCE = {"Color", "Contrast", "Brightness", "Sharpness"}  # factor M / 10 * 1.8 + 0.1 (1: the image itself)
+# Noisy Student's 16 operations, each applied when drawn; MPL's 15 (no SolarizeAdd), each drawn operation applied
+# with a probability p ~ U(0.2, 0.8) drawn once per image.
+AUTHORS_LISTS = {"noisy_student": list(AUTHORS_OPS),
+                 "mpl": [op for op in AUTHORS_OPS if op != "SolarizeAdd"]}
+FILL = 128  # the authors' `replace` value for the pixels geometric operations and cutout leave empty
+
+
+def authors_constants(size: int) -> dict:
+    """The authors' translate and cutout constants (pixels at M = 10) for images of side `size`: MPL's CIFAR rule
+    (side // 8 for both) below 100 px, the ImageNet constants of both codes (100 and 40 px) from 100 px up."""
+    return {"translate": size // 8, "cutout": size // 8} if size < 100 else {"translate": 100, "cutout": 40}
+
+
+def authors_argument(name: str, magnitude: float, size: int):
+    """The (unsigned) argument the authors' code gives operation `name` at level `magnitude` on images of side
+    `size`; None for an operation without one."""
+    spec = AUTHORS_OPS[name]
+    if spec is None:
+        return None
+    top, _ = spec
+    top = authors_constants(size)[top] if isinstance(top, str) else top
+    level = magnitude / 10
+    if name in ENHANCE:
+        return level * top + 0.1
+    if name in ("Posterize", "Solarize", "SolarizeAdd", "Cutout"):
+        return int(level * top)
+    return level * float(top)
+
+
+def apply_authors_op(name: str, x: torch.Tensor, arg, generator: torch.Generator) -> torch.Tensor:
+    """Operation `name` of the authors' list at argument `arg` (signed) on a uint8 batch, through torchvision's
+    implementation of it (nearest-neighbour geometry, grey fill, as the authors' TensorFlow code)."""
+    from torchvision.transforms.v2 import InterpolationMode, functional as F
+
+    fill = [float(FILL)] * x.shape[1]
+    nearest = InterpolationMode.NEAREST
+    if name in ("AutoContrast", "Equalize", "Invert"):
+        return getattr(F, name.lower())(x)
+    if name == "Rotate":
+        return F.rotate(x, arg, interpolation=nearest, fill=fill)
+    if name == "Posterize":
+        return F.posterize(x, min(arg, 8))  # M > 20 asks for more than 8 bits: the image as it is
+    if name == "Solarize":
+        return x if arg > 255 else F.solarize(x, arg)
+    if name == "SolarizeAdd":
+        return torch.where(x < 128, (x.int() + arg).clamp(0, 255).to(x.dtype), x)
+    if name in ENHANCE:
+        adjust = {"Color": F.adjust_saturation, "Contrast": F.adjust_contrast, "Brightness": F.adjust_brightness,
+                  "Sharpness": F.adjust_sharpness}[name]
+        return adjust(x, arg)
+    if name in ("ShearX", "ShearY"):
+        shear = math.degrees(math.atan(arg))
+        return F.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[shear, 0.0] if name == "ShearX" else
+                        [0.0, shear], interpolation=nearest, fill=fill, center=[0, 0])
+    if name in ("TranslateX", "TranslateY"):
+        return F.affine(x, angle=0.0, translate=[arg, 0] if name == "TranslateX" else [0, arg], scale=1.0,
+                        shear=[0.0, 0.0], interpolation=nearest, fill=fill)
+    if name == "Cutout":
+        return _cutout(x, arg, generator)
+    raise KdrunError(f"unknown RandAugment operation '{name}'; use one of {', '.join(AUTHORS_OPS)}")
+
+
+def _cutout(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image's rows and columns [c - pad, c + pad) around its own uniform centre c set to grey."""
+    b, _, h, w = x.shape
+    cy, cx = (torch.randint(n, (b, 1), generator=generator).to(x.device) for n in (h, w))
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    rows = (rows >= cy - pad) & (rows < cy + pad)
+    cols = (cols >= cx - pad) & (cols < cx + pad)
+    mask = (rows[:, :, None] & cols[:, None, :])[:, None].expand_as(x)
+    return x.masked_fill(mask, FILL)
+
 
 class RandAugment:
-    """Cubuk et al. (CVPR-W 2020), RandAugment: `num_ops` operations, each drawn uniformly from
-    torchvision's list (`transforms.v2.RandAugment`: identity, shear, translate, rotate, brightness,
-    colour, contrast, sharpness, posterize, solarize, autocontrast, equalize), all at magnitude
-    `magnitude` on torchvision's 0..`num_bins`-1 scale (0..30 by default, the papers' scale).
+    """Cubuk et al. (CVPR-W 2020), RandAugment: `num_ops` operations per image, each drawn uniformly from a list,
+    all at one magnitude. Two scales, and `magnitude` means something else on each:
+
+    - `scale=torchvision`: torchvision's `transforms.v2.RandAugment` (identity, shear, translate, rotate,
+      brightness, colour, contrast, sharpness, posterize, solarize, autocontrast, equalize), `magnitude` one of
+      `num_bins` (31) bins, 0..30, spanning torchvision's ranges (rotate 30 degrees at 30, shear 0.3, ...).
+    - `scale=noisy_student` or `mpl`: the authors' code (`AUTHORS_OPS`): M / 10 of each operation's maximum (rotate
+      30 degrees at M = 10: Noisy Student's M = 27 rotates 81 degrees), their operation lists (with invert, cutout
+      and solarize-add), grey fill; MPL's applies each drawn operation with a per-image probability in [0.2, 0.8].
+      Not reproduced: MPL's extra cutout and flip-and-crop after RandAugment (data pipeline, not RandAugment),
+      and the authors' contrast, whose grey reference is a histogram bug (torchvision's mean grey is used).
 
     Drawn per image, as the papers do: each image gets its own operations and signs. Images that drew
     the same operation and sign go through torchvision's implementation of it together, one call per
     group rather than per image (per-image calls cost ~1.5 ms/image on 2 CPU cores).
     """
 
-    def __init__(self, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31):
+    def __init__(self, num_ops: int = 2, magnitude: float = 9, num_bins: int = 31, scale: str = "torchvision"):
         from torchvision.transforms import v2
 
-        if not 0 <= magnitude < num_bins:
-            raise KdrunError(f"RandAugment magnitude {magnitude} is outside 0..{num_bins - 1}; give one in that range")
-        self.num_ops, self.magnitude, self.num_bins = int(num_ops), int(magnitude), int(num_bins)
-        self._torchvision = v2.RandAugment(self.num_ops, self.magnitude, self.num_bins)
-        self.ops = list(self._torchvision._AUGMENTATION_SPACE.items())
+        if scale not in SCALES:
+            raise KdrunError(f"RandAugment scale '{scale}' is unknown; use torchvision (torchvision's 0..30 bins) or "
+                             "noisy_student or mpl (the authors' code: M / 10 of each operation's maximum)")
+        if scale == "torchvision" and not 0 <= magnitude < num_bins:
+            raise KdrunError(f"RandAugment magnitude {magnitude} is outside 0..{num_bins - 1} on torchvision's scale; "
+                             "give one in that range, or set scale to noisy_student or mpl for the authors' scale")
+        if scale != "torchvision" and not 0 <= magnitude <= 30:
+            raise KdrunError(f"RandAugment magnitude {magnitude} is outside 0..30 on the authors' scale (10 is each "
+                             "operation's maximum, beyond it extrapolates); give one in that range")
+        self.num_ops, self.scale, self.num_bins = int(num_ops), scale, int(num_bins)
+        if scale == "torchvision":
+            self.magnitude = int(magnitude)
+            self._torchvision = v2.RandAugment(self.num_ops, self.magnitude, self.num_bins)
+            self.ops = [(name, signed) for name, (_, signed) in self._torchvision._AUGMENTATION_SPACE.items()]
+        else:
+            self.magnitude = float(magnitude)
+            self.ops = [(name, bool(AUTHORS_OPS[name] and AUTHORS_OPS[name][1])) for name in AUTHORS_LISTS[scale]]
 
     def __repr__(self) -> str:
-        return f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude})"
+        return f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, scale={self.scale})"
+
+    def _apply(self, name: str, x: torch.Tensor, sign: int, generator: torch.Generator) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if self.scale != "torchvision":
+            arg = authors_argument(name, self.magnitude, min(h, w))
+            return apply_authors_op(name, x, None if arg is None else arg * sign, generator)
+        tv = self._torchvision
+        levels = tv._AUGMENTATION_SPACE[name][0](self.num_bins, h, w)
+        m = 0.0 if levels is None else float(levels[self.magnitude]) * sign
+        return tv._apply_image_or_video_transform(x, name, m, interpolation=tv.interpolation, fill=tv._fill)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A uint8 batch (B, C, H, W) with every image independently augmented."""
-        b, _, h, w = x.shape
+        """A uint8 batch (B, C, H, W) with every image independently augmented, every draw from `generator`."""
+        b = x.shape[0]
         x = x.clone()
-        signed = torch.tensor([s for _, (_, s) in self.ops])
-        tv = self._torchvision
+        signed = torch.tensor([s for _, s in self.ops])
+        p = 0.2 + 0.6 * torch.rand(b, generator=generator) if self.scale == "mpl" else None
         for _ in range(self.num_ops):
             op = torch.randint(len(self.ops), (b,), generator=generator)
             negative = (torch.rand(b, generator=generator) < 0.5) & signed[op]
             group = op * 2 + negative
+            if p is not None:  # MPL: the drawn operation happens with the image's probability
+                group[torch.rand(b, generator=generator) > p] = -1
             for g in torch.unique(group).tolist():
-                name, (magnitudes, _) = self.ops[g // 2]
-                levels = magnitudes(self.num_bins, h, w)
-                m = 0.0 if levels is None else float(levels[self.magnitude]) * (-1 if g % 2 else 1)
+                if g < 0:
+                    continue
                 idx = torch.nonzero(group == g).squeeze(1).to(x.device)
-                x[idx] = tv._apply_image_or_video_transform(x[idx], name, m, interpolation=tv.interpolation,
-                                                            fill=tv._fill)
+                x[idx] = self._apply(self.ops[g // 2][0], x[idx], -1 if g % 2 else 1, generator)
         return x
 
 
@@ -173,7 +294,9 @@ class Stream:
     """A method's declaration of the unlabeled batches it needs.
 
     `ratio`: unlabeled images per labeled one in a step (FixMatch's and MPL's mu).
-    `randaugment`: {num_ops, magnitude} of the student's unlabeled view (after crop/flip), or None.
+    `randaugment`: {num_ops, magnitude, scale} of the student's unlabeled view (after crop/flip), or None; `scale`
+    (`RandAugment`): torchvision (the default: `magnitude` in torchvision's 0..30 bins) or the authors' code,
+    noisy_student or mpl (`magnitude` M: M / 10 of each operation's maximum).
     `noise_labeled`: the same RandAugment on the labeled images (the noised student of Noisy Student).
     `weak_view`: also carry `unlabeled_weak_image`, the crop/flip-only view of the same images.
     """
@@ -187,9 +310,10 @@ class Stream:
         if not self.ratio > 0:
             raise KdrunError(f"method.unlabeled_ratio={self.ratio}; give a positive number of unlabeled images "
                              "per labeled one")
-        if self.randaugment is not None and not set(self.randaugment) <= {"num_ops", "magnitude", "num_bins"}:
-            raise KdrunError(f"method.randaugment={dict(self.randaugment)}; give num_ops and magnitude "
-                             "(and optionally num_bins), or null for no RandAugment")
+        if self.randaugment is not None and not set(self.randaugment) <= {"num_ops", "magnitude", "num_bins", "scale"}:
+            raise KdrunError(f"method.randaugment={dict(self.randaugment)}; give num_ops and magnitude (and "
+                             "optionally scale: torchvision, noisy_student or mpl, and num_bins), or null for no "
+                             "RandAugment")
 
 
 class SemiLoader:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kdrun.data import BatchSpec, EvalSet, Selection
+from kdrun.models import keep_frozen_eval
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Method(nn.Module):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # BatchNorm statistics and dropout of the teacher never change
+        keep_frozen_eval(self)  # nor those of a student's frozen parts (student.freeze)
         return self
 
     def summary(self) -> dict:

@@ -1,7 +1,8 @@
 """Pham, Dai, Xie, Luong & Le (CVPR 2021), "Meta Pseudo Labels".
 
 The teacher starts untrained and learns beside the student. Per step, on a labeled batch (x_l, y_l) and
-an unlabeled batch x_u (RandAugment-ed):
+an unlabeled batch x_u (RandAugment-ed; conf/method/mpl.yaml: `randaugment.scale=mpl`, the authors' augment.py
+operations and magnitude scale, augment_magnitude M = 16):
 
 1. the teacher's pseudo labels are sampled, y^_u ~ T(x_u; theta_T) (`pseudo_labels=sample`, the paper's; `argmax`
    takes the teacher's most likely class instead), and the student takes one step on them:

@@ -4,7 +4,8 @@ Per iteration (a `Stage`): (1) the teacher, un-noised (eval mode, no augmentatio
 images: soft labels (its softmax) by default; (2) images whose confidence is below `threshold` are dropped
 and the classes are balanced: a predicted class with more than K images keeps its K most confident, one
 with fewer is duplicated up to K (here: weighted K / n_c); (3) a noised student (RandAugment on all its
-images, and `student.drop_rate` / `student.drop_path_rate`) trains from its initial weights on labeled +
+images, `randaugment.scale=noisy_student` in conf/method/noisy_student.yaml: the authors' code's operations and
+magnitude scale, M = 27; and `student.drop_rate` / `student.drop_path_rate`) trains from its initial weights on labeled +
 pseudo-labeled images, the loss of `PseudoLabel`; (4) the student becomes the teacher of the next iteration.
 Each iteration's teacher and student test accuracy goes to metrics.jsonl and summary.json, and each
 iteration's student to checkpoints/iteration<k>.pt.

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from kdrun.errors import KdrunError, instantiate
-from kdrun.models import mobilenetv2, resnet_cifar, shufflenet, small, vgg, wrn
+from kdrun.models import inputs, mobilenetv2, resnet_cifar, shufflenet, small, vgg, wrn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet8": resnet_cifar.resnet8,
@@ -61,7 +61,8 @@ def list_models() -> list[str]:
 
 def build(cfg, data) -> nn.Module:
     """A model preset (the `teacher` or `student` config group) at the classes and channels of `data`
-    (a `kdrun.data.Data`)."""
+    (a `kdrun.data.Data`), started from the weights its `init` names (`load_init`) and with the parts its `freeze`
+    names frozen (`freeze`)."""
     if not cfg.get("name"):
         role = cfg._key() or "model"
         raise KdrunError(f"the {role} names no model; choose a preset ({role}=cnn) or set {role}.name=NAME, or "
@@ -71,9 +72,20 @@ def build(cfg, data) -> nn.Module:
         if cfg.get(key):
             kwargs["dropout" if key == "drop_rate" and cfg.name in _REGISTRY else key] = cfg[key]
     if cfg.get("_target_"):
-        return create_target(cfg._target_, kwargs, data.num_classes, data.in_chans, data.image_size,
-                             field=f"{cfg._key()}._target_" if cfg._key() else "_target_")
-    return create(cfg.name, data.num_classes, in_chans=data.in_chans, pretrained=cfg.get("pretrained", False), **kwargs)
+        model = create_target(cfg._target_, kwargs, data.num_classes, data.in_chans, data.image_size,
+                              field=f"{cfg._key()}._target_" if cfg._key() else "_target_")
+    else:
+        model = create(cfg.name, data.num_classes, in_chans=data.in_chans, pretrained=cfg.get("pretrained", False),
+                       **kwargs)
+    role = cfg._key() or "model"
+    if cfg.get("init"):  # student.init / teacher.init: start from a file's weights
+        load_init(model, cfg.init, f"{role}.init")
+    freeze(model, cfg.get("freeze"), f"{role}.freeze")
+    if cfg.get("normalize"):  # the model's own input normalisation, in front of it alone
+        inputs.renormalize(model, data.mean, data.std, cfg.normalize, f"{role}.normalize")
+    if cfg.get("pretrained"):
+        inputs.check_pretrained_input(model, cfg, data, role)
+    return model
 
 
 def constructor_kwargs(cfg) -> dict:
@@ -100,6 +112,8 @@ def arch(cfg, data) -> dict:
               "mean": list(data.mean), "std": list(data.std)}
     if cfg.get("_target_"):
         record["target"] = cfg._target_
+    if cfg.get("normalize"):
+        record["normalize"] = OmegaConf.to_container(cfg.normalize, resolve=True)
     classes = getattr(data.splits.test, "classes", None)  # an image folder's class names
     if classes is not None:
         record["classes"] = list(classes)
@@ -107,11 +121,15 @@ def arch(cfg, data) -> dict:
 
 
 def from_arch(record: dict) -> nn.Module:
-    """The (untrained) model a checkpoint's `arch` record describes."""
+    """The (untrained) model a checkpoint's `arch` record describes, re-normalising its input as it did."""
     if record.get("target"):
-        return create_target(record["target"], dict(record["kwargs"]), record["num_classes"], record["in_chans"],
-                             record.get("image_size"))
-    return create(record["name"], record["num_classes"], in_chans=record["in_chans"], **record["kwargs"])
+        model = create_target(record["target"], dict(record["kwargs"]), record["num_classes"], record["in_chans"],
+                              record.get("image_size"))
+    else:
+        model = create(record["name"], record["num_classes"], in_chans=record["in_chans"], **record["kwargs"])
+    if record.get("normalize"):
+        inputs.renormalize(model, record["mean"], record["std"], record["normalize"], "normalize")
+    return model
 
 
 def create_target(target: str, kwargs: dict, num_classes: int, in_chans: int, image_size: int | None,
@@ -289,3 +307,135 @@ def _adapt_first_conv(model: nn.Module, name: str, in_chans: int, pretrained: bo
             if old.bias is not None:
                 new.bias.copy_(old.bias)
     _set_submodule(model, path, new)
+
+
+# ---- transfer: a model's classifier, starting weights from a file, frozen parts ---------------------------
+BACKBONE = "backbone"  # student.freeze=[backbone]: every parameter outside the classifier (a linear probe)
+
+
+def classifier(model: nn.Module) -> tuple[str, nn.Module]:
+    """The model's classifier, as (module path, module): what timm's `get_classifier()` returns where the model
+    has it, else the last nn.Linear the model registers. One sentence when it has neither."""
+    modules = list(model.named_modules())
+    getter = getattr(model, "get_classifier", None)
+    if callable(getter):
+        head = getter()
+        found = next((path for path, m in modules if m is head and path), None)
+        if found is not None and next(head.parameters(), None) is not None:
+            return found, head
+    found = next(((path, m) for path, m in reversed(modules) if isinstance(m, nn.Linear)), None)
+    if found is None:
+        raise KdrunError(f"{type(model).__name__} has no nn.Linear classifier, so its head cannot be found; give it "
+                         "one, or load weights of the same class count")
+    return found
+
+
+def _under(name: str, prefix: str) -> bool:
+    """Whether the parameter or module `name` is `prefix` or lies inside it (module paths, dot-separated)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def init_state(path, field: str) -> dict[str, torch.Tensor]:
+    """The weights in `path`: a kdrun checkpoint's `model` entry (best.pt, last.pt, a cached teacher.pt) or a
+    plain state_dict; one sentence naming `field` when the file is missing, unreadable or holds none."""
+    from kdrun import checkpoint
+
+    try:
+        ckpt = checkpoint.load(path)
+    except KdrunError as e:
+        raise KdrunError(f"{field}={path}: {e}") from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KdrunError(f"{field}={path} holds no state_dict; give a checkpoint a kdrun run wrote "
+                         "(<run dir>/checkpoints/best.pt) or a file written by torch.save(model.state_dict())")
+    return state
+
+
+def load_init(model: nn.Module, path, field: str = "student.init") -> list[str]:
+    """Start `model` from the weights in `path` (see `init_state`): every tensor whose name and shape match is
+    loaded; the classifier (`classifier`) keeps its fresh initialisation where its shapes differ (a new head for
+    another class count). Any other missing, unexpected or mismatched tensor is one sentence naming the file, the
+    tensors and the fix. Returns the names of the tensors left fresh."""
+    state = init_state(path, field)
+    mine = model.state_dict()
+    head, _ = classifier(model)
+    fresh = [k for k, v in state.items() if k in mine and v.shape != mine[k].shape and _under(k, head)]
+    problems = [f"{k} {tuple(v.shape)} in the file vs {tuple(mine[k].shape)} here" for k, v in state.items()
+                if k in mine and v.shape != mine[k].shape and k not in fresh]
+    problems += [f"{k} missing from the file" for k in mine if k not in state]
+    problems += [f"{k} not in this model" for k in state if k not in mine]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise KdrunError(f"{field}={path} does not fit this {type(model).__name__} ({'; '.join(problems[:3])}{more}); "
+                         f"give {field.split('.')[0]} the architecture the file was saved from (its name and kwargs), "
+                         "only the classifier may differ")
+    model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+    return fresh
+
+
+def freeze(model: nn.Module, prefixes, field: str = "student.freeze") -> list[str]:
+    """Freeze the parts of `model` under `prefixes` (module paths of `dict(model.named_modules())`, or parameter
+    names; `backbone`: every parameter outside the classifier): their parameters stop requiring gradients, and
+    `model.frozen_prefixes` records them, so that `kdrun.methods.base.Method.train` keeps their BatchNorm layers
+    in eval mode (`keep_frozen_eval`). Returns the resolved prefixes; an unknown one is one sentence."""
+    prefixes = list(prefixes or ())
+    if not prefixes:
+        return []
+    modules = dict(model.named_modules())
+    names = dict(model.named_parameters())
+    resolved = []
+    for prefix in prefixes:
+        if prefix == BACKBONE:
+            resolved += _outside(model, classifier(model)[0])
+        elif prefix and (prefix in modules or prefix in names):
+            resolved.append(prefix)
+        else:
+            top = [n for n, m in model.named_children() if next(m.parameters(), None) is not None]
+            raise KdrunError(f"{field} names '{prefix}', which is not a module of the {type(model).__name__}; give "
+                             f"module paths such as its top-level modules {', '.join(top)} (or {BACKBONE}: all but "
+                             "the classifier)")
+    for name, p in names.items():
+        if any(_under(name, prefix) for prefix in resolved):
+            p.requires_grad_(False)
+    model.frozen_prefixes = tuple(dict.fromkeys(resolved))
+    keep_frozen_eval(model)
+    return list(model.frozen_prefixes)
+
+
+def _outside(model: nn.Module, head: str, prefix: str = "") -> list[str]:
+    """The fewest module paths and parameter names that cover every parameter of `model` outside `head`."""
+    out = [prefix + n for n, _ in model.named_parameters(recurse=False)]  # e.g. a ViT's cls_token
+    for name, child in model.named_children():
+        path = prefix + name
+        if _under(head, path) and path != head:
+            out += _outside(child, head, path + ".")
+        elif path != head and next(child.parameters(), None) is not None:
+            out.append(path)
+    return out
+
+
+def keep_frozen_eval(root: nn.Module) -> None:
+    """Put the BatchNorm layers of every frozen part (`freeze`) of the models inside `root` in eval mode, so their
+    running statistics never move, whatever `.train()` did."""
+    for model in root.modules():
+        prefixes = getattr(model, "frozen_prefixes", ())
+        for path, module in model.named_modules() if prefixes else ():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(_under(path, p) for p in prefixes):
+                module.eval()
+
+
+def depth_groups(model: nn.Module) -> dict[str, int]:
+    """Each parameter name of `model` -> its depth, the classifier deepest: timm's `group_matcher` layers where
+    the model has one, else the order of its top-level children (parameters of the model itself with the first)
+    with the classifier's child last. For layer-wise learning-rate decay (`schedule.layer_decay`)."""
+    if callable(getattr(model, "group_matcher", None)):
+        from timm.models import group_parameters
+
+        groups = group_parameters(model, model.group_matcher(coarse=False))
+        return {name: depth for depth, (_, names) in enumerate(sorted(groups.items())) for name in names}
+    head, _ = classifier(model)
+    children = [n for n, m in model.named_children() if not _under(head, n) and next(m.parameters(), None) is not None]
+    order = {child: i for i, child in enumerate(children)}
+    last = len(children)
+    return {name: last if _under(name, head.split(".")[0]) else order.get(name.split(".")[0], 0)
+            for name, _ in model.named_parameters()}
