@@ -25,3 +25,21 @@ def fail(command: str, error: Exception) -> None:
     """Print a user's mistake as `kdrun` does (one line, no traceback) and exit with status 1."""
     print(f"{command}: error: {error}", file=sys.stderr)
     sys.exit(1)
+
+
+def checkpoint_command(command: str, cfg, work, format_report) -> None:
+    """The body of a command on one checkpoint (`cfg.ckpt_path`): `work(cfg, out_dir)` (out_dir: Hydra's output dir
+    of this command) gives a report, printed with `format_report(report, out_dir)`; a mistake is one line (`fail`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from kdrun.errors import KdrunError
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if OmegaConf.is_missing(cfg, "ckpt_path"):
+            raise KdrunError("no checkpoint given; name one with ckpt_path=RUN/checkpoints/best.pt")
+        report = work(cfg, out_dir)
+    except KdrunError as e:
+        fail(command, e)
+    print(format_report(report, out_dir))

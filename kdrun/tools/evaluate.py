@@ -8,10 +8,9 @@ from importlib.resources import files
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdrun.tools import atomic, fail
+from kdrun.tools import atomic, checkpoint_command
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +18,7 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path="pkg://kdrun.conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     """The `kdrun-eval` command."""
-    from kdrun.errors import KdrunError
-
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        if OmegaConf.is_missing(cfg, "ckpt_path"):
-            raise KdrunError("no checkpoint given; name one with ckpt_path=RUN/checkpoints/best.pt")
-        report = evaluate_checkpoint(cfg, out_dir)
-    except KdrunError as e:
-        fail("kdrun-eval", e)
-    print(format_report(report, out_dir))
+    checkpoint_command("kdrun-eval", cfg, evaluate_checkpoint, format_report)
 
 
 def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:

@@ -8,10 +8,9 @@ import logging
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from kdrun.tools import atomic, fail
+from kdrun.tools import atomic, checkpoint_command
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +18,7 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path="pkg://kdrun.conf", config_name="transfer_eval")
 def main(cfg: DictConfig) -> None:
     """The `kdrun-transfer` command."""
-    from kdrun.errors import KdrunError
-
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        if OmegaConf.is_missing(cfg, "ckpt_path"):
-            raise KdrunError("no checkpoint given; name one with ckpt_path=RUN/checkpoints/best.pt")
-        report = transfer_checkpoint(cfg, out_dir)
-    except KdrunError as e:
-        fail("kdrun-transfer", e)
-    print(format_report(report, out_dir))
+    checkpoint_command("kdrun-transfer", cfg, transfer_checkpoint, format_report)
 
 
 def transfer_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
