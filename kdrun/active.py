@@ -241,7 +241,7 @@ def train_round(cfg: DictConfig, data: kdata.Data, run_dir: Path, k: int, member
             teacher_path = rdir / "teacher.pt"  # kdrun trains it: on the round's labeled images, not on the pool's
             if not teacher_path.is_file():
                 tdata = replace(data, splits=replace(data.splits, train=part(data.splits.train, drawn)))
-                teacher, s = kteacher._train(rcfg, tdata, device, rdir / "teacher", [])
+                teacher, s = kteacher.train_teacher(rcfg, tdata, device, rdir / "teacher", [])
                 checkpoint.save({"model": teacher.state_dict(), "arch": models.arch(rcfg.teacher, tdata),
                                  "test_acc": s["test/acc"]}, teacher_path)
             with open_dict(rcfg):

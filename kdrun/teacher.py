@@ -74,7 +74,7 @@ def teacher_schedule(cfg: DictConfig) -> DictConfig:
     names, as its file says whatever the student's schedule is set to (so a search over the student's schedule
     reuses one teacher), or the student's schedule when it is null."""
     name = cfg.teacher.get("schedule")
-    schedule = cfg.schedule if name is None else _preset("schedule", name, f"teacher.schedule={name}",
+    schedule = cfg.schedule if name is None else preset("schedule", name, f"teacher.schedule={name}",
                                                          "or null for the student's")
     schedule = OmegaConf.merge(schedule, {"epochs": cfg.teacher.epochs})
     with open_dict(schedule):
@@ -84,7 +84,7 @@ def teacher_schedule(cfg: DictConfig) -> DictConfig:
     return schedule
 
 
-def _preset(group: str, name: str, asked: str, otherwise: str) -> DictConfig:
+def preset(group: str, name: str, asked: str, otherwise: str) -> DictConfig:
     """The option `name` of the config group `group` (conf/<group>/<name>.yaml) as its file says; one sentence
     listing the group's options when there is no such option."""
     folder = files("kdrun.conf") / group
@@ -133,7 +133,7 @@ def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mod
                  f" (at most {limit} steps: trainer.max_steps limits the teacher too)" if limit else "", path.parent)
         logger = RunLogger(path.parent, cfg.get("logger"), plain_config(cfg), job_type="teacher")  # its own W&B run
         try:
-            teacher, summary = _train(cfg, data, device, path.parent, cfg.teacher.get("snapshot_epochs") or [],
+            teacher, summary = train_teacher(cfg, data, device, path.parent, cfg.teacher.get("snapshot_epochs") or [],
                                       logger=logger)
             ckpt = {"model": teacher.state_dict(), "arch": models.arch(cfg.teacher, data),
                     "test_acc": summary["test/acc"], "summary": summary}
@@ -196,7 +196,7 @@ def snapshot(cfg: DictConfig, data: kdata.Data, device, epoch: int) -> Path:
              cfg.teacher.name, data.name, epoch, cfg.teacher.epochs, epoch, path.parent)
     replay = directory / f".replay-{os.getpid()}"
     try:
-        _train(cfg, data, device, replay, [epoch], stop_epoch=epoch)
+        train_teacher(cfg, data, device, replay, [epoch], stop_epoch=epoch)
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(replay / "checkpoints" / path.name, path)
     finally:
@@ -204,7 +204,7 @@ def snapshot(cfg: DictConfig, data: kdata.Data, device, epoch: int) -> Path:
     return path
 
 
-def _train(cfg: DictConfig, data: kdata.Data, device, run_dir: Path, snapshot_epochs, stop_epoch: int | None = None,
+def train_teacher(cfg: DictConfig, data: kdata.Data, device, run_dir: Path, snapshot_epochs, stop_epoch: int | None = None,
            logger: RunLogger | None = None):
     """Train the teacher with method=supervised for teacher.epochs (or up to `stop_epoch`); the model and summary.
     `logger`: where its metrics go (default: run_dir/metrics.jsonl alone)."""
@@ -254,7 +254,7 @@ def get_teachers(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Mo
     members, names = [], []
     for entry in cfg.teachers:
         if isinstance(entry, str):
-            entry = _preset("teacher", entry, f"teachers=[...] names '{entry}', which",
+            entry = preset("teacher", entry, f"teachers=[...] names '{entry}', which",
                             "or a teacher config such as {name: resnet8}")
         member = OmegaConf.to_container(cfg.teacher)  # a member inherits epochs and seed, not the architecture
         member.update(name=None, kwargs={}, checkpoint=None, pretrained=False, init=None, normalize=None)

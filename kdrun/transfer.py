@@ -34,7 +34,7 @@ from kdrun.errors import KdrunError
 from kdrun.loggers import RunLogger
 from kdrun.methods.base import Stage
 from kdrun.methods.supervised import Supervised
-from kdrun.teacher import _preset
+from kdrun.teacher import preset as config_preset
 from kdrun.tools import atomic
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def task_dataset(name: str, task: DictConfig, data_dir: str) -> DictConfig:
         except KdrunError as e:
             raise KdrunError(f"transfer.tasks.{name}: {e}") from None
     shared = OmegaConf.load(files("kdrun.conf") / "config.yaml").dataset
-    preset = _preset("dataset", str(task.dataset), f"transfer.tasks.{name}.dataset={task.dataset}",
+    preset = config_preset("dataset", str(task.dataset), f"transfer.tasks.{name}.dataset={task.dataset}",
                      "or add conf/dataset/<name>.yaml")
     root = OmegaConf.create({"paths": {"data_dir": data_dir}, "dataset": OmegaConf.merge(shared, preset, extra)})
     return root.dataset
@@ -164,7 +164,7 @@ def prepare(cfg: DictConfig, data_dir: str) -> dict[str, kdata.Data]:
 
 def schedule(cfg: DictConfig) -> DictConfig:
     """The probes' schedule: the conf/schedule preset `transfer.schedule`, for `transfer.epochs`."""
-    preset = _preset("schedule", str(cfg.schedule), f"transfer.schedule={cfg.schedule}", "as in schedule=")
+    preset = config_preset("schedule", str(cfg.schedule), f"transfer.schedule={cfg.schedule}", "as in schedule=")
     return OmegaConf.merge(preset, {"epochs": cfg.epochs})
 
 
