@@ -382,7 +382,7 @@ class Engine:
         }
 
     def _is_best(self, result: dict) -> bool:
-        """Keep the best evaluation by validation accuracy and by test accuracy (the benchmarks' protocol); whether
+        """Keep the best evaluation by validation accuracy and by test accuracy (what some benchmarks report); whether
         this one is the best by what chooses the run's best.pt: validation accuracy when held out, else test."""
         best = self.progress["best"]
         for key in ("val/acc", "test/acc"):

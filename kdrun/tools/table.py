@@ -10,7 +10,7 @@ option) or any config value (`student.name`); several keys joined by commas make
 standard deviation, in percent. A reference YAML ({row: {column: accuracy in %}}) adds the published
 number and our difference to it beside each cell. `--protocol`: the last epoch's test accuracy (`last`), the
 test accuracy at the epoch of best validation accuracy (`best`; runs with `dataset.val_size`), or the best test
-accuracy over the epochs (`best-test`: the CRD benchmark's protocol, in which the test set chooses).
+accuracy over the epochs (`best-test`: as mdistiller reports the CRD table, in which the test set chooses).
 `--metrics` shows other summary keys instead, one column each (per column label): a continual run's
 `cl/class_il/acc,cl/task_il/acc`, say; accuracies and backward transfer in percent.
 """
