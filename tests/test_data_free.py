@@ -16,6 +16,7 @@ from kdrun.engine import Interrupted
 from kdrun.errors import KdrunError
 from kdrun.losses.data_free import (
     bn_statistics_loss,
+    class_entropy,
     js_divergence,
     l2_prior,
     total_variation,
@@ -78,17 +79,52 @@ def test_js_divergence_against_hand_values():
     assert float(js_divergence(certain, -certain)) == pytest.approx(math.log(2), rel=1e-5)
 
 
+def test_class_entropy_is_the_entropy_of_the_batch_mean_softmax():
+    one_class = torch.tensor([[9.0, 0.0], [9.0, 0.0]])  # p_bar = (1 / (1 + e^-9), ...)
+    q = 1 / (1 + math.exp(9))
+    assert float(class_entropy(one_class)) == pytest.approx(-(q * math.log(q) + (1 - q) * math.log(1 - q)), rel=1e-3)
+    two_classes = torch.tensor([[9.0, 0.0], [0.0, 9.0]])  # p_bar = (1/2, 1/2) whatever each image's confidence
+    assert float(class_entropy(two_classes)) == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_dfad_balance_term_is_dafl_entropy_and_spreads_the_teachers_classes():
+    torch.manual_seed(0)
+    teacher = _cnn(8)
+    with torch.no_grad():
+        models.classifier(teacher)[1].weight.mul_(100)  # confident: the generated images start in few classes
+    method = DFAD(_cnn(), teacher, nz=16, generator_width=8, balance_weight=2.0)
+    method.setup(_digits())
+    method.train()
+    z = torch.randn(64, 16)
+    with torch.no_grad():
+        loss, entropy = method.generator_loss(z)
+        x = method.generator(z)
+        t = method.teacher(x)
+        p_bar = t.softmax(1).mean(0)
+        by_hand = -(method.student(x) - t).abs().mean() + 2.0 * (p_bar * p_bar.log()).sum()
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(entropy) == pytest.approx(float(-(p_bar * p_bar.log()).sum()), rel=1e-5)
+    # the entropy term alone, stepped, spreads the teacher's predictions on the generated images
+    optimizer = torch.optim.Adam(method.generator.parameters(), lr=1e-2)
+    for _ in range(20):
+        optimizer.zero_grad()
+        (-class_entropy(method.teacher(method.generator(z)))).backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert float(class_entropy(method.teacher(method.generator(z)))) > float(entropy) + 0.2
+
+
 def test_dfad_generator_and_student_play_the_same_discrepancy_with_opposite_signs():
     torch.manual_seed(0)
     method = DFAD(_cnn(), _cnn(8), nz=16, generator_width=8)
     method.setup(_digits())
     method.train()
     z = torch.randn(32, 16)
-    student, generator = method.student_loss(z), method.generator_loss(z)
+    student, (generator, _) = method.student_loss(z), method.generator_loss(z)
     assert float(student) > 0 and float(generator) == pytest.approx(-float(student), rel=1e-6)
     # a small gradient step of each player on its own objective moves the shared discrepancy its way
     before = float(student)
-    method.generator_loss(z).backward()
+    method.generator_loss(z)[0].backward()
     torch.optim.SGD(method.generator.parameters(), lr=1e-3).step()
     after_generator = float(method.student_loss(z))
     assert after_generator > before

@@ -1,5 +1,5 @@
 """Losses of data-free distillation: DeepInversion's image priors and BatchNorm-statistics term, Adaptive
-DeepInversion's competition term, and DFAD's discrepancy."""
+DeepInversion's competition term, DFAD's discrepancy and DAFL's class-balance term."""
 
 import math
 
@@ -44,3 +44,11 @@ def logit_discrepancy(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """Fang et al. (2019), DFAD: the mean absolute difference between the student's and the teacher's logits (the
     student minimises it, the generator maximises it)."""
     return (student_logits.float() - teacher_logits.float()).abs().mean()
+
+
+def class_entropy(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """H(p_bar), in nats: the entropy of the teacher's softmax averaged over the batch, ln C when the batch's
+    predictions are spread evenly over the C classes, 0 when every image is one class. DAFL's information-entropy
+    loss (Chen et al., ICCV 2019) is its negative, which a generator minimises to cover every class."""
+    p_bar = F.softmax(teacher_logits.float(), dim=1).mean(0)
+    return -(p_bar * torch.log(p_bar.clamp_min(1e-12))).sum()

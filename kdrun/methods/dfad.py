@@ -6,7 +6,13 @@ z ~ N(0, I) to images; the student S learns to match the frozen teacher T on the
 disagree. The discrepancy is the mean absolute difference of the logits (the paper's L1):
 
     student:    min_S  D(z) = |S(G(z)) - T(G(z))|_1        (G fixed)
-    generator:  min_G -D(z)                                 (S fixed)
+    generator:  min_G -D(z) - balance_weight * H(p_bar)     (S fixed)
+
+H(p_bar) is the entropy of the teacher's softmax averaged over the generated batch; `balance_weight` 0 (the
+default) is DFAD's objective, > 0 adds DAFL's information-entropy term (Chen et al. 2019: weight 5 on log10, 2.2
+in nats), which pushes the generator to cover every class. Without it the generator can settle on the few classes
+where the student disagrees most: on Fashion-MNIST the default job's generator ends with 82% of its images in one
+class (README). `train/class_entropy` logs H(p_bar) at each generator step (ln 10 = 2.30 for ten even classes).
 
 Per step the student takes one step on a fresh batch of `size` generated images; after every `n_student_steps`
 of them the generator takes one (the paper's 5 : 1). The student trains with the run's schedule; the generator
@@ -20,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from kdrun.losses.data_free import logit_discrepancy
+from kdrun.losses.data_free import class_entropy, logit_discrepancy
 from kdrun.methods.base import Stage
 from kdrun.methods.data_free import DataFree
 
@@ -57,13 +63,14 @@ class Generator(nn.Module):
 
 class DFAD(DataFree):
     ranges = {"nz": "[1, inf)", "generator_width": "[1, inf)", "n_student_steps": "[1, inf)",
-              "generator_lr": "(0, inf)"}
+              "generator_lr": "(0, inf)", "balance_weight": "[0, inf)"}
 
     def __init__(self, student, teacher, nz: int = 256, generator_width: int = 64, n_student_steps: int = 5,
-                 generator_lr: float = 1e-3):
+                 generator_lr: float = 1e-3, balance_weight: float = 0.0):
         super().__init__(student, teacher)
         self.nz, self.generator_width = nz, generator_width
         self.n_student_steps, self.generator_lr = n_student_steps, generator_lr
+        self.balance_weight = balance_weight
         self.generator = None
         self.generator_optimizer = self.generator_scheduler = None
 
@@ -90,10 +97,13 @@ class DFAD(DataFree):
             teacher_logits = self.teacher(x)
         return logit_discrepancy(self.student(x), teacher_logits)
 
-    def generator_loss(self, z: torch.Tensor) -> torch.Tensor:
-        """The generator's objective on codes z: -D (its gradient reaches G through the student and the teacher)."""
+    def generator_loss(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's objective on codes z, -D - balance_weight * H(p_bar) (its gradient reaches G through the
+        student and the teacher), and H(p_bar)."""
         x = self.generator(z)
-        return -logit_discrepancy(self.student(x), self.teacher(x))
+        teacher_logits = self.teacher(x)
+        entropy = class_entropy(teacher_logits)
+        return -logit_discrepancy(self.student(x), teacher_logits) - self.balance_weight * entropy, entropy
 
     def step(self, batch, loop):
         z = self.sample(batch["size"])
@@ -103,10 +113,11 @@ class DFAD(DataFree):
         losses, metrics = {"l1": loss.detach()}, {}
         if (loop.step + 1) % self.n_student_steps == 0:
             with loop.autocast():
-                generator_loss = self.generator_loss(self.sample(batch["size"]))
+                generator_loss, entropy = self.generator_loss(self.sample(batch["size"]))
             loop.optimize(generator_loss, optimizer=self.generator_optimizer, scheduler=self.generator_scheduler,
                           params=list(self.generator.parameters()))
-            metrics["generator_l1"] = -generator_loss.detach()
+            metrics["generator_l1"] = -(generator_loss + self.balance_weight * entropy).detach()
+            metrics["class_entropy"] = entropy.detach()
         if (loop.step + 1) % loop.steps_per_epoch == 0:  # the epoch's last step
             with torch.no_grad():
                 self.save_grid(loop, self.generator(z[:100]), f"epoch{loop.epoch + 1}")
