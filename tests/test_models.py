@@ -199,3 +199,20 @@ def test_own_models_do_not_import_timm_or_torchvision(monkeypatch: pytest.Monkey
     for module in ("timm", "torchvision"):
         monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
     assert create("cnn", 10, in_chans=1)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "timm:resnet18"])
+def test_pretrained_weights_that_cannot_be_downloaded_are_one_sentence(name, monkeypatch) -> None:
+    import urllib.error
+
+    import timm
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(KdrunError, match=r"^the pretrained weights of 'resnet18' could not be downloaded \(URLError\); "
+                                         r"run once with internet access .* init=PATH$"):
+        create(name, 10, pretrained=True)

@@ -11,6 +11,7 @@ model class or function, its arguments beside `_target_` (or in `kwargs`); `num_
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib
@@ -208,6 +209,17 @@ def _create_own(name: str, num_classes: int, in_chans: int, pretrained: bool, kw
     return constructor(num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
+@contextlib.contextmanager
+def _downloading(name: str):
+    """Pretrained weights that cannot be fetched (no internet, no cached copy) stop with one sentence."""
+    try:
+        yield
+    except OSError as err:  # urllib's URLError, huggingface_hub's connection and cache errors
+        raise KdrunError(f"the pretrained weights of '{name}' could not be downloaded ({type(err).__name__}); run once "
+                         "with internet access (torchvision and timm cache them), or set pretrained=false and give "
+                         "the weights with init=PATH") from err
+
+
 def _torchvision_names() -> list[str]:
     import torchvision
 
@@ -225,7 +237,8 @@ def _create_torchvision(
     try:
         if pretrained:
             weights = torchvision.models.get_model_weights(name).DEFAULT
-            model = torchvision.models.get_model(name, weights=weights, **kwargs)
+            with _downloading(name):
+                model = torchvision.models.get_model(name, weights=weights, **kwargs)
             if len(weights.meta["categories"]) != num_classes:
                 _replace_head(model, name, len(weights.meta["categories"]), num_classes)
         else:
@@ -247,7 +260,8 @@ def _create_timm(name: str, num_classes: int, in_chans: int, pretrained: bool, k
     if not timm.is_model(name):
         raise KdrunError(f"unknown timm model '{name}'; check the spelling against timm.list_models('*pattern*')")
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        with _downloading(name):
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except TypeError as err:
         raise KdrunError(f"timm model '{name}' does not take the arguments {sorted(kwargs)}: {err}") from err
     paths = dict(model.named_modules())
