@@ -111,6 +111,8 @@ def test_the_funmatch_imagenet_preset_feeds_the_bit_teacher_what_its_weights_exp
     assert (own.mean, own.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     cfg = make_cfg("experiment=funmatch/imagenet", "dataset.root=/data")
     assert cfg.teacher.name == BIT and cfg.teacher.pretrained
+    # no argument of the default cnn presets (width) leaks into the BiT models' constructors
+    assert models.constructor_kwargs(cfg.teacher) == {} and models.constructor_kwargs(cfg.student) == {}
     bit = SimpleNamespace(pretrained_cfg=own.to_dict())  # stands in for the 236M-parameter model
     imagenet = _data(list(cfg.dataset.mean), list(cfg.dataset.std), cfg.dataset.image_size)
     with caplog.at_level(logging.WARNING, logger="kdrun.models.inputs"):
