@@ -85,13 +85,16 @@ def teacher_schedule(cfg: DictConfig) -> DictConfig:
 
 
 def preset(group: str, name: str, asked: str, otherwise: str) -> DictConfig:
-    """The option `name` of the config group `group` (conf/<group>/<name>.yaml) as its file says; one sentence
-    listing the group's options when there is no such option."""
+    """The option `name` of the config group `group` (conf/<group>/<name>.yaml) as its file says, over the options of
+    its group that its defaults list names (imagenet over image_folder); one sentence listing the group's options
+    when there is no such option."""
     folder = files("kdrun.conf") / group
     if not (folder / f"{name}.yaml").is_file():
         known = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
         raise KdrunError(f"{asked} is not a {group} preset; use one of {', '.join(known)}, {otherwise}")
-    return OmegaConf.load(folder / f"{name}.yaml")
+    own = OmegaConf.load(folder / f"{name}.yaml")
+    bases = [preset(group, str(base), asked, otherwise) for base in own.pop("defaults", []) if base != "_self_"]
+    return OmegaConf.merge(*bases, own)
 
 
 def get_teacher(cfg: DictConfig, data: kdata.Data, device) -> tuple[torch.nn.Module, float]:

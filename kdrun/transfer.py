@@ -163,9 +163,11 @@ def prepare(cfg: DictConfig, data_dir: str) -> dict[str, kdata.Data]:
 
 
 def schedule(cfg: DictConfig) -> DictConfig:
-    """The probes' schedule: the conf/schedule preset `transfer.schedule`, for `transfer.epochs`."""
+    """The probes' schedule: the conf/schedule preset `transfer.schedule`, for `transfer.epochs`, with
+    `transfer.batch_size` when it is set."""
     preset = config_preset("schedule", str(cfg.schedule), f"transfer.schedule={cfg.schedule}", "as in schedule=")
-    return OmegaConf.merge(preset, {"epochs": cfg.epochs})
+    batch = {"batch_size": cfg.batch_size} if cfg.get("batch_size") else {}
+    return OmegaConf.merge(preset, {"epochs": cfg.epochs, **batch})
 
 
 def evaluate(model: nn.Module, cfg: DictConfig, tasks: dict[str, kdata.Data], out_dir: Path, trainer: DictConfig,

@@ -96,10 +96,11 @@ FIELDS = {
     "transfer.protocols": "list[str] {linear_probe, finetune}",
     "transfer.epochs": "int [1, inf)",
     "transfer.schedule": "str",
+    "transfer.batch_size": "int? [1, inf)",
     "transfer.lr_scale": "dict",
     "transfer.lr_scale.linear_probe": "float (0, inf)",
     "transfer.lr_scale.finetune": "float (0, inf)",
-    "transfer.tasks": "dict",
+    "transfer.tasks": "dict?",
     "student.drop_rate": "float? [0, 1)",
     "student.drop_path_rate": "float? [0, 1)",
     "curriculum.bands": "list[int] [1, inf)",
@@ -146,6 +147,9 @@ def check(cfg: DictConfig) -> None:
         if value is not _ABSENT:
             _check_value(path, value, spec)
     _check_method(cfg)
+    for path in sorted(OmegaConf.missing_keys(cfg)):  # ??? anywhere else: in a method's list of teachers, say
+        path = re.sub(r"\[(\d+)\]", r".\1", path)  # method.teachers[1].checkpoint as an override names it
+        raise KdrunError(f"{path} has no value and this config needs one; give it on the command line: {path}=VALUE")
     for problem in _combinations(cfg):
         if problem:
             raise KdrunError(problem)

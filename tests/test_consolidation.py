@@ -145,3 +145,41 @@ def test_a_bad_teacher_entry_is_one_sentence_before_anything_trains(teachers, tm
         run(cfg, tmp_path / "run", "consolidation")
     assert "\n" not in str(err.value) and str(err.value).count("; ") <= 2
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_imagenet_preset_names_its_missing_task_teacher_in_one_sentence(tmp_path):
+    cfg = make_cfg("experiment=consolidation/imagenet_resnet50", f"dataset.root={tmp_path}",
+                   "transfer.tasks={t: {dataset: digits}}")
+    assert cfg.method.teachers[0].name == "resnet50" and cfg.method.teachers[0].num_classes == 1000
+    with pytest.raises(KdrunError, match=r"^method.teachers.1.checkpoint has no value .*: "
+                                         r"method.teachers.1.checkpoint=VALUE$"):
+        run(cfg, tmp_path / "run", "consolidation")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # ~1 min: three ResNet-50s
+def test_the_imagenet_preset_runs_end_to_end_with_resnet50s(tmp_path):
+    """experiment=consolidation/imagenet_resnet50 on a tiny image folder at 32 px, the ImageNet weights left out
+    (pretrained=false: no internet here): the paper's setting composes, trains and probes."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / "task" / split / f"c{c}").mkdir(parents=True)
+            for i in range(4):
+                pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "task" / split / f"c{c}" / f"{i}.png")
+    small = [f"dataset.root={tmp_path / 'task'}", "dataset.image_size=32", "schedule.batch_size=4",
+             "trainer.max_steps=1", "schedule.epochs=1", "trainer.precision=32", "trainer.num_workers=0"]
+    run(make_cfg("method=supervised", "dataset=imagenet", "student=resnet50", "dataset.val_size=null", *small),
+        tmp_path / "teacher", "supervised")  # the task teacher, as the preset's header trains it
+    task_teacher = tmp_path / "teacher" / "checkpoints" / "best.pt"
+    preset = ["experiment=consolidation/imagenet_resnet50", "student.pretrained=false",
+              "method.teachers.0.pretrained=false", *small, "transfer.epochs=1", "transfer.batch_size=4",
+              f"transfer.tasks={{t: {{dataset: imagenet, root: '{tmp_path / 'task'}', image_size: 32}}}}"]
+    summary = run(make_cfg(*preset, f"method.teachers.1.checkpoint={task_teacher}"), tmp_path / "run", "consolidation")
+    assert summary["student"] == "resnet50" and summary["steps"] == 1
+    assert 0 <= summary["transfer/t/acc"] <= 1
+    model, ckpt = checkpoint.load_model(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert ckpt["arch"]["num_classes"] == 2 and model.fc.in_features == 2048

@@ -231,3 +231,13 @@ def test_a_bad_transfer_task_stops_the_run_before_training(tmp_path):
         with pytest.raises(KdrunError, match=message):
             run(make_cfg(*FAST, "transfer=digits_halves", task), tmp_path / "run")
         assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_task_dataset_preset_follows_its_defaults_list(tmp_path):
+    """dataset: imagenet is image_folder's reader with ImageNet's size and statistics (conf/dataset/imagenet.yaml
+    names image_folder in its defaults)."""
+    from kdrun.transfer import task_dataset
+
+    dataset = task_dataset("t", OmegaConf.create({"dataset": "imagenet", "root": str(tmp_path)}), str(tmp_path))
+    assert dataset.source.root == str(tmp_path) and dataset.image_size == 224
+    assert list(dataset.mean) == [0.485, 0.456, 0.406] and dataset.name == "imagenet"
