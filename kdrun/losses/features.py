@@ -457,9 +457,10 @@ def ofd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, margin: tor
         raise ValueError(f"ofd_loss: margin must have shape ({c},), got {tuple(margin.shape)}")
     m = margin.to(device=teacher_feat.device, dtype=teacher_feat.dtype).view(1, c, *([1] * (teacher_feat.dim() - 2)))
     target = torch.maximum(teacher_feat, m)
-    skip = (student_feat <= target) & (target <= 0)
-    sq = (target - student_feat).pow(2)
-    return torch.where(skip, torch.zeros_like(sq), sq).sum() / student_feat.shape[0]
+    diff = target - student_feat
+    # skipped where S <= target <= 0; a float mask is the cheapest of the forms measured (where, clamp, bool mask)
+    keep = ((target > 0) | (diff < 0)).to(diff.dtype)
+    return (diff * keep).pow(2).sum() / student_feat.shape[0]
 
 
 # --------------------------------------------------------------------------- ReviewKD
@@ -492,15 +493,14 @@ def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torc
     for fs, ft in zip(student_feats, teacher_feats):
         _same_shape(fs, ft, "hcl_loss")
         h, w = _spatial(fs, "hcl_loss")
-        loss = F.mse_loss(fs, ft)
+        diff = fs - ft  # pooling is linear: pool(fs) - pool(ft) = pool(fs - ft), one pooling per level
+        loss = diff.pow(2).mean()
         weight, weight_sum = 1.0, 1.0
         for level in _HCL_LEVELS:
             if level >= min(h, w):
                 continue
             weight /= 2.0
-            pooled_s = F.adaptive_avg_pool2d(fs, (level, level))
-            pooled_t = F.adaptive_avg_pool2d(ft, (level, level))
-            loss = loss + weight * F.mse_loss(pooled_s, pooled_t)
+            loss = loss + weight * F.adaptive_avg_pool2d(diff, (level, level)).pow(2).mean()
             weight_sum += weight
         term = loss / weight_sum
         total = term if total is None else total + term
