@@ -16,7 +16,8 @@ summary.json exists is reused, so a rerun adds seeds or finishes what was cut of
    same images, the same epochs and temperature.
 Both students have the teachers' architecture and start from the generalist (student.init), so the difference
 between them is the generalist's head alone, and claim 1 asks whether KD from the task teacher *erodes* the
-representation the student started with. All four runs end with the same transfer evaluation (`transfer=`,
+representation the student started with (`--students-from scratch`: both start from random weights, so the
+question becomes what each learns from its teachers on the task's images alone). All four runs end with the same transfer evaluation (`transfer=`,
 default fashion_tops_digits): the classifier input of the run's model, probed on downstream tasks that none of
 them was trained or distilled on: Fashion-MNIST tops [0, 2, 4, 6] (T-shirt, pullover, coat, shirt: the same
 domain, classes none of the models saw) and scikit-learn's digits (another domain).
@@ -68,12 +69,14 @@ def seed_runs(out: Path, seed: int, args) -> dict[str, dict]:
     runs["task_teacher"] = kdrun(d / "task_teacher", [*base, "method=supervised", _classes(TASK),
                                                       f"student.init={best('generalist')}",
                                                       f"schedule.epochs={args.finetune_epochs}"])
-    student = [*base, _classes(TASK), f"student.init={best('generalist')}", f"schedule.epochs={args.epochs}"]
-    runs["kd_student"] = kdrun(d / "kd_student", [*student, "method=kd", "method.alpha=1.0",
+    start = [f"student.init={best('generalist')}"] if args.students_from == "generalist" else []
+    suffix = "" if args.students_from == "generalist" else f"_from_{args.students_from}"
+    student = [*base, _classes(TASK), *start, f"schedule.epochs={args.epochs}"]
+    runs["kd_student"] = kdrun(d / f"kd_student{suffix}", [*student, "method=kd", "method.alpha=1.0",
                                                   f"method.temperature={args.temperature}", f"teacher={args.model}",
                                                   f"teacher.checkpoint={best('task_teacher')}"])
     teachers = f"method.teachers=[{{checkpoint: '{best('generalist')}'}}, {{checkpoint: '{best('task_teacher')}'}}]"
-    runs["consolidated"] = kdrun(d / "consolidated", [*student, "method=consolidation", teachers,
+    runs["consolidated"] = kdrun(d / f"consolidated{suffix}", [*student, "method=consolidation", teachers,
                                                       "method.task_head=1", "method.ce_weight=0.0",
                                                       f"method.temperature={args.temperature}"])
     return runs
@@ -146,6 +149,9 @@ def main(argv=None):
     p.add_argument("--transfer", default="fashion_tops_digits", help="the transfer= preset every run ends with")
     p.add_argument("--protocols", default="linear_probe,finetune", help="the transfer protocols (transfer.protocols)")
     p.add_argument("--keep", type=float, default=0.01, help="the task-accuracy drop claim 2 still calls kept")
+    p.add_argument("--students-from", choices=["generalist", "scratch"], default="generalist",
+                   help="where both students start: the generalist's weights (student.init) or random weights; "
+                        "scratch runs go to <seed>/kd_student_from_scratch/ and consolidated_from_scratch/")
     p.add_argument("--tiny", action="store_true", help="a dry run: one epoch of 5 steps per run")
     p.add_argument("--extra", nargs="*", default=[], help="more kdrun overrides for every run")
     args = p.parse_args(argv)
@@ -155,10 +161,11 @@ def main(argv=None):
     results = [seed_runs(args.out.resolve(), s, args) for s in args.seeds]
     text, means = table(results)
     lines = [(f"Representation consolidation, Fashion-MNIST generalist {GENERALIST} -> task {TASK}, "
-              f"{len(args.seeds)} seed(s), accuracy in %:"), "", text, "", *claims(means, args.keep)]
+              f"{len(args.seeds)} seed(s), students from {args.students_from}, accuracy in %:"), "", text, "", *claims(means, args.keep)]
     print("\n".join(lines))
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    (args.out / "table.json").write_text(json.dumps({"seeds": args.seeds, "means": means}, indent=1) + "\n")
+    name = "table" if args.students_from == "generalist" else f"table_from_{args.students_from}"
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{name}.json").write_text(json.dumps({"seeds": args.seeds, "means": means}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
