@@ -149,10 +149,14 @@ def classifier_input(model: nn.Module, x: torch.Tensor, role: str = "model") -> 
 def preactivation(model: nn.Module, spec: str, x: torch.Tensor) -> str:
     """The spec of the pre-ReLU response at the end of stage `spec`.
 
-    If the stage's output is non-negative (it ends with a ReLU, perhaps followed by pooling), the input of
-    the last nn.ReLU called inside the stage; otherwise (pre-activation ResNets, linear bottlenecks) the
-    stage output itself, which is already the pre-activation.
+    Where the model names it in its `preact_layers` (stage spec -> spec), that one (a pre-activation
+    network's next BatchNorm, before its ReLU). Else, if the stage's output is non-negative (it ends with a
+    ReLU, perhaps followed by pooling), the input of the last nn.ReLU called inside the stage; otherwise
+    (linear bottlenecks) the stage output itself, which is already the pre-activation.
     """
+    named = getattr(model, "preact_layers", None) or {}
+    if spec in named:
+        return named[spec]
     path, is_input = _split(spec)
     if is_input:
         return spec

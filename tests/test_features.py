@@ -67,8 +67,10 @@ def test_classifier_input_preactivation_and_lower_parameters():
     assert features.classifier_input(vgg, torch.randn(2, 1, 32, 32)) == "classifier:in"
     assert features.preactivation(model, "layer1", x) == "layer1.0.relu:in"  # post-ReLU stage: its ReLU's input
     wrn = models.create("wrn_16_2", 10, in_chans=1)
-    assert features.preactivation(wrn, "block1", x) == "block1"  # pre-activation block: its output already is
+    assert features.preactivation(wrn, "block1", x) == "block2.layer.0.relu1:in"  # named by the model: the next BN
     assert features.preactivation(wrn, "relu", x) == "relu:in"
+    mobilenet = models.create("mobilenetv2", 10)
+    assert features.preactivation(mobilenet, "blocks.1", torch.randn(2, 3, 32, 32)) == "blocks.1"  # linear output
     lower = {id(p) for p in features.parameters_before(model, "layer2", x)}
     named = dict(model.named_parameters())
     expected = {n for n in named if n.startswith(("conv1", "bn1", "layer1", "layer2"))}

@@ -30,7 +30,9 @@ class FeatureMethod(Method):
     ranges = {"weight": "[0, inf)", "ce_weight": "[0, inf)", "kd_weight": "[0, inf)", "temperature": "(0, inf)"}
 
     needs_teacher = True
-    positions = "stages"  # stages: every default stage; last / middle: one of them; embedding: the classifier's input
+    # stages: every default stage; last / middle: one of them; embedding: the classifier's input; input+stages: the
+    # stem's output (the model's `stem_layer`, else the first stage's input), then the stages
+    positions = "stages"
     preact = (False, False)  # read the (student, teacher) pre-ReLU responses of those stages
     # how default stages pair up: "index" (i-th with i-th; by resolution when the counts differ), "resolution"
     # (stages of equal resolution: the loss compares maps position by position), "fixed" (as listed)
@@ -82,24 +84,22 @@ class FeatureMethod(Method):
         elif self.positions == "embedding":
             return [features.classifier_input(model, x, role)]
         else:
-            stages = self.stages_of(model, role, x)
+            stages = self.stages_of(model, role)
+            stem = getattr(model, "stem_layer", None) or stages[0] + features.INPUT_SUFFIX
             chosen = {"stages": stages, "last": stages[-1:], "middle": [stages[(len(stages) - 1) // 2]],
-                      "input+stages": [stages[0] + features.INPUT_SUFFIX] + stages}[self.positions]
+                      "input+stages": [stem] + stages}[self.positions]
         if self.preact[role == "teacher"]:  # a stage path stands for its pre-ReLU response; PATH:in is kept
             chosen = [features.preactivation(model, spec, x) for spec in chosen]
         return chosen
 
     @staticmethod
-    def stages_of(model: nn.Module, role: str, x: torch.Tensor) -> list[str]:
-        """The model's `default_feature_layers`, keeping of consecutive maps of one shape the last (WRN's
-        last block and its final BN-ReLU are one stage, as in the CRD benchmark's feature lists)."""
+    def stages_of(model: nn.Module, role: str) -> list[str]:
+        """The model's `default_feature_layers` (for kdrun's CIFAR nets, the CRD benchmark's `feat[1:-1]`)."""
         stages = list(getattr(model, "default_feature_layers", None) or [])
         if not stages:
             raise KdrunError(f"the {role} model names no default feature layers; set {role}.feature_layers to its "
                              "module paths (e.g. [layer2, layer3])")
-        feats = features.probe(model, stages, x, role)
-        return [s for i, (s, f) in enumerate(zip(stages, feats))
-                if i + 1 == len(stages) or f.dim() != 4 or f.shape != feats[i + 1].shape]
+        return stages
 
     def probe(self, model: nn.Module, specs: list[str], role: str) -> list[torch.Tensor]:
         """The features `specs` of `model` on a fixed probe batch (eval mode, no gradient)."""

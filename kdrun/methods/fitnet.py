@@ -63,7 +63,7 @@ class FitNet(FeatureMethod):
         specs = super().specs(model, role, t_feats)
         if role == "teacher" or self.layers["student"] or t_feats[0].dim() != 4:
             return specs
-        stages = self.stages_of(model, role, features.probe_input(model, self.input_shape))
+        stages = self.stages_of(model, role)
         middle = stages.index(specs[0])
         h, w = t_feats[0].shape[2:]
         feats = self.probe(model, stages, role)

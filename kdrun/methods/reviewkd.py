@@ -1,10 +1,10 @@
 """Chen et al. CVPR 2021, "Distilling Knowledge via Knowledge Review" (ReviewKD).
 
-The student's stage outputs and their global average (a 1x1 map) are reviewed from the deepest up: an
-attention-based fusion (ABF) module per level maps the student feature to a middle width (1x1 conv + BN),
-fuses it with the upsampled result of the level below through two sigmoid attention maps, and produces
-(3x3 conv + BN) the level's output at the teacher's size. Each output is compared with the teacher's
-pre-ReLU stage response (the last level with the teacher's pooled feature) by the hierarchical context
+The student's stage outputs and its pooled embedding (the classifier's input, as a 1x1 map) are reviewed
+from the deepest up: an attention-based fusion (ABF) module per level maps the student feature to a middle
+width (1x1 conv + BN), fuses it with the upsampled result of the level below through two sigmoid attention
+maps, and produces (3x3 conv + BN) the level's output at the teacher's size. Each output is compared with the
+teacher's pre-ReLU stage response (the last level with the teacher's embedding) by the hierarchical context
 loss (`kdrun.losses.hcl_loss`): loss = CE + weight * min((epoch + 1) / warmup_epochs, 1) * sum_levels HCL, epoch
 counting completed epochs (the first has weight 1 / warmup_epochs, as in mdistiller).
 Weight 1 and a 20-epoch warm-up follow mdistiller (which uses weight 5 for resnet32x4 -> resnet8x4).
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun import features
 from kdrun.errors import KdrunError
 from kdrun.losses import hcl_loss
 from kdrun.methods.feature import FeatureMethod
@@ -53,17 +54,21 @@ class ReviewKD(FeatureMethod):
         self.warmup_epochs, self.max_mid_channels = warmup_epochs, max_mid_channels
 
     def specs(self, model, role, t_feats=None):
-        """The stages (the teacher's before ReLU), then the last stage's output again, to be pooled."""
+        """The stages (the teacher's before ReLU), then the embedding (mdistiller's `pooled_feat`) or, with
+        given layers, the last of them again, to be pooled."""
         given = self.layers[role]
-        return super().specs(model, role, t_feats) + [given[-1] if given else model.default_feature_layers[-1]]
+        last = given[-1] if given else features.classifier_input(model, features.probe_input(model, self.input_shape),
+                                                                  role)
+        return super().specs(model, role, t_feats) + [last]
 
     @staticmethod
     def levels(feats):
-        """Stage maps, shallowest first, and the global average of the last stage's output as a 1x1 map."""
-        return list(feats[:-1]) + [F.adaptive_avg_pool2d(feats[-1], 1)]
+        """Stage maps, shallowest first, and the global average of the last feature (a vector: itself) as a 1x1 map."""
+        last = feats[-1]
+        return list(feats[:-1]) + [F.adaptive_avg_pool2d(last, 1) if last.dim() == 4 else last[:, :, None, None]]
 
     def build(self, s_feats, t_feats):
-        if any(f.dim() != 4 for f in s_feats + t_feats):
+        if any(f.dim() != 4 for f in s_feats[:-1] + t_feats[:-1]):
             raise KdrunError("reviewkd fuses feature maps with convolutions; choose (B, C, H, W) feature layers")
         s_levels, t_levels = self.levels(s_feats), self.levels(t_feats)
         mid = min(self.max_mid_channels, s_levels[-1].shape[1])

@@ -1,8 +1,10 @@
 """kdrun's model zoo: ``create`` builds kdrun's own nets, torchvision models and timm models by name.
 
 Every model it returns has ``default_feature_layers``: module paths (keys of ``dict(model.named_modules())``)
-of the outputs of its main stages, lowest first, ending with the last feature map before global
-pooling; forward hooks on them give the features that feature-based distillation methods use.
+of the outputs of its main stages, lowest first, ending with the last stage (a 1x1 head conv or a final
+BN-ReLU after it is not a stage); forward hooks on them give the features that feature-based distillation
+methods use. kdrun's CIFAR nets list the CRD benchmark's (RepDistiller's ``feat[1:-1]``) and may also name the
+stem's output (``stem_layer``, its ``feat[0]``) and the stages' pre-ReLU responses (``preact_layers``).
 
 A `teacher`/`student` preset names one of them (`name`, `kwargs`) or, with Hydra's `_target_`, any importable
 model class or function, its arguments beside `_target_` (or in `kwargs`); `num_classes`, `in_chans` and

@@ -3,7 +3,9 @@
 The benchmark's variant (from Jin et al., 2019, RCO): a stride-2 3x3 stem, seven groups of inverted
 residual blocks (expansion 6, the first 1; the expansion conv is kept even at expansion 1), a 1x1 conv
 to 1280 channels, global average pooling and a linear head. Parameter names match RepDistiller's
-``models/mobilenetv2.py`` (``mobile_half``), so its checkpoints load.
+``models/mobilenetv2.py`` (``mobile_half``), so its checkpoints load. Its feature lists too: the stem is
+``conv1``, the stages the groups ``blocks.1``, ``blocks.2``, ``blocks.4`` and ``blocks.6`` (not the 1x1 head
+``conv2``); their outputs are linear, so they are their own pre-activations.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """CIFAR MobileNetV2; ``default_feature_layers`` are the last group at each resolution, then ``conv2``."""
+    """CIFAR MobileNetV2; ``default_feature_layers`` are the last group at each resolution."""
 
     def __init__(self, num_classes: int, in_chans: int = 3, width_mult: float = 0.5) -> None:
         super().__init__()
@@ -55,7 +57,8 @@ class MobileNetV2(nn.Module):
         self.conv2 = conv_bn_relu(in_ch, last_ch, kernel_size=1)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(last_ch, num_classes))
-        self.default_feature_layers = ["blocks.1", "blocks.2", "blocks.4", "blocks.6", "conv2"]
+        self.default_feature_layers = ["blocks.1", "blocks.2", "blocks.4", "blocks.6"]
+        self.stem_layer = "conv1"
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ Both start with a 1x1 conv to 24 channels at full resolution and have three stag
 that each halve the resolution in their first block. V1: groups 3, widths 240/480/960, 4/8/4 blocks.
 V2 (size 1x): widths 116/232/464, one downsampling block and 3/7/3 basic blocks per stage, then a 1x1
 conv to 1024 channels. Parameter names match RepDistiller's ``ShuffleV1``/``ShuffleV2``, so its
-checkpoints load.
+checkpoints load. Its feature lists too: the stages are ``layer1``..``layer3`` (V2's head conv is not one), each
+stage's pre-activation the input of its last block's ``relu`` (V2: the kept half and the branch before its
+ReLU, concatenated, not yet shuffled).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class ShuffleNetV1(nn.Module):
 
 
 class ShuffleV2Block(nn.Module):
-    """Stride-1 unit: split the channels in half, 1x1-3x3 depthwise-1x1 on one half, concatenate, shuffle."""
+    """Stride-1 unit: split the channels in half, 1x1-3x3 depthwise-1x1 on one half, concatenate, ReLU, shuffle."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -92,12 +94,15 @@ class ShuffleV2Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(half)
         self.conv3 = nn.Conv2d(half, half, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(half)
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept, x = x.chunk(2, dim=1)
         out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn3(self.conv3(self.bn2(self.conv2(out)))))
-        return channel_shuffle(torch.cat([kept, out], 1), 2)
+        out = self.bn3(self.conv3(self.bn2(self.conv2(out))))
+        # the kept half is a ReLU output already: one ReLU module on the concatenation leaves it as it is and
+        # gives hooks the benchmark's pre-activation, cat(kept, branch before its ReLU)
+        return channel_shuffle(self.relu(torch.cat([kept, out], 1)), 2)
 
 
 class ShuffleV2DownBlock(nn.Module):
@@ -125,7 +130,7 @@ class ShuffleV2DownBlock(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    """CIFAR ShuffleNet V2; ``default_feature_layers`` end with ``relu``, the activated 1x1 head conv."""
+    """CIFAR ShuffleNet V2; ``default_feature_layers`` are the three stages, not the 1x1 head conv after them."""
 
     def __init__(
         self,
@@ -147,7 +152,7 @@ class ShuffleNetV2(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(widths[3], num_classes)
-        self.default_feature_layers = ["layer1", "layer2", "layer3", "relu"]
+        self.default_feature_layers = ["layer1", "layer2", "layer3"]
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

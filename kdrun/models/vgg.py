@@ -3,7 +3,8 @@
 Five stages of 3x3 conv-BN-ReLU layers (``block0``..``block4``); 2x2 max pooling after the first three
 stages, global average pooling after the last, then one linear layer (no VGG fully connected stack).
 Convolutions keep their bias, as in the benchmark. Parameter names match RepDistiller's
-``models/vgg.py``, so its checkpoints load; its extra max pooling for 64x64 inputs is left out.
+``models/vgg.py``, so its checkpoints load; its extra max pooling for 64x64 inputs is left out. Its feature
+lists too: the stem is ``block0`` (before its max pooling), the stages ``block1``..``block4``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class VGG(nn.Module):
         self.pool2 = nn.MaxPool2d(2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(config[4][-1], num_classes)
-        self.default_feature_layers = ["block0", "block1", "block2", "block3", "block4"]
+        self.default_feature_layers = ["block1", "block2", "block3", "block4"]
+        self.stem_layer = "pool0:in"
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 WRN-d-k: a 3x3 stem with 16 channels, three stages of (d-4)/6 pre-activation blocks with widths
 16k/32k/64k (strides 1, 2, 2), a final BN-ReLU, global average pooling and a linear head. Parameter
 names match RepDistiller's ``models/wrn.py`` (hence ``layer`` and ``convShortcut``), so its checkpoints load.
+Its feature lists too: the stages are the three blocks' raw outputs (before the final BN-ReLU), and their
+pre-ReLU responses the next BatchNorm's outputs (the next block's ``bn1``, the final ``bn1``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class WideStage(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-widen_factor; ``default_feature_layers`` ends with ``relu``, the final BN-ReLU map."""
+    """WRN-depth-widen_factor; ``default_feature_layers`` are the blocks, ``preact_layers`` their BN-ed outputs."""
 
     def __init__(
         self, depth: int, widen_factor: int, num_classes: int, in_chans: int = 3, dropout: float = 0.0
@@ -70,7 +72,9 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
-        self.default_feature_layers = ["block1", "block2", "block3", "relu"]
+        self.default_feature_layers = ["block1", "block2", "block3"]
+        self.preact_layers = {"block1": "block2.layer.0.relu1:in", "block2": "block3.layer.0.relu1:in",
+                              "block3": "relu:in"}
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
