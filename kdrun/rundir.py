@@ -154,7 +154,8 @@ def _flat(tree, prefix: str = "") -> dict:
 def check_same_run(cfg: DictConfig, run_dir: str | Path) -> None:
     """Refuse to continue `run_dir`'s checkpoints/last.pt with a config other than the one that wrote it: one
     sentence naming the first keys that differ. A last.pt from before kdrun recorded its config passes, and so does
-    one from before a field existed when this session leaves that field unset (null or empty: it changes nothing)."""
+    one from before a field existed when this session leaves that field unset (null or empty) or, for a method
+    field, at its method's default (DFAD's balance_weight 0): either changes nothing."""
     from kdrun import checkpoint  # torch: not for the callback above
 
     last = Path(run_dir) / "checkpoints" / "last.pt"
@@ -165,13 +166,27 @@ def check_same_run(cfg: DictConfig, run_dir: str | Path) -> None:
         return
     mine = identity(cfg)
     differ = [k for k in dict.fromkeys([*saved, *mine]) if saved.get(k, "<unset>") != mine.get(k, "<unset>")
-              and not (k not in saved and mine[k] in (None, [], {}))]
+              and not (k not in saved and _changes_nothing(cfg, k, mine[k]))]
     if differ:
         shown = ", ".join(f"{k}={mine.get(k, '<unset>')} (the run dir has {saved.get(k, '<unset>')})"
                           for k in differ[:3])
         more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
         raise KdrunError(f"{run_dir} holds another run, which this command would continue with {shown}{more}; give "
                          "this run a fresh hydra.run.dir, or repeat that run's own command to continue it")
+
+
+def _changes_nothing(cfg: DictConfig, key: str, value) -> bool:
+    """Whether field `key` at `value` is as if it did not exist: unset, or a method field at its default."""
+    if value in (None, [], {}):
+        return True
+    if not key.startswith("method.") or not OmegaConf.select(cfg, "method._target_"):
+        return False
+    import inspect
+
+    from hydra.utils import get_class
+
+    param = inspect.signature(get_class(cfg.method._target_)).parameters.get(key.removeprefix("method."))
+    return param is not None and param.default is not inspect.Parameter.empty and param.default == value
 
 
 @contextlib.contextmanager

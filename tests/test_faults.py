@@ -237,3 +237,13 @@ def test_a_read_only_run_dir_or_cache_dir_is_one_sentence(tmp_path):
     finally:
         (tmp_path / "run").chmod(0o755)
         (tmp_path / "cache").chmod(0o755)
+
+
+def test_a_method_field_added_later_continues_at_its_default_and_not_at_another_value(tmp_path):
+    """DFAD's balance_weight came after runs that had none: 0.0, its default, is the objective those runs trained."""
+    cfg = make_cfg(*RUN, "method=dfad")
+    older = {k: v for k, v in identity(cfg).items() if k != "method.balance_weight"}
+    checkpoint.save({"config": older}, tmp_path / "checkpoints" / "last.pt")
+    check_same_run(cfg, tmp_path)
+    with pytest.raises(KdrunError, match=r"method.balance_weight=2.0 \(the run dir has <unset>\)"):
+        check_same_run(make_cfg(*RUN, "method=dfad", "method.balance_weight=2.0"), tmp_path)
