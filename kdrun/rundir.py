@@ -12,12 +12,14 @@ Light on purpose (no torch): Hydra instantiates the callback before every run.
 import contextlib
 import errno
 import fcntl
+import inspect
 import os
 import shutil
 import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrun.errors import KdrunError, write_error
@@ -181,10 +183,6 @@ def _changes_nothing(cfg: DictConfig, key: str, value) -> bool:
         return True
     if not key.startswith("method.") or not OmegaConf.select(cfg, "method._target_"):
         return False
-    import inspect
-
-    from hydra.utils import get_class
-
     param = inspect.signature(get_class(cfg.method._target_)).parameters.get(key.removeprefix("method."))
     return param is not None and param.default is not inspect.Parameter.empty and param.default == value
 
