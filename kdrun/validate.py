@@ -147,8 +147,9 @@ def check(cfg: DictConfig) -> None:
         if value is not _ABSENT:
             _check_value(path, value, spec)
     _check_method(cfg)
-    for path in sorted(OmegaConf.missing_keys(cfg)):  # ??? anywhere else: in a method's list of teachers, say
-        path = re.sub(r"\[(\d+)\]", r".\1", path)  # method.teachers[1].checkpoint as an override names it
+    missing = sorted(OmegaConf.missing_keys(cfg))  # ??? anywhere else: in a method's list of teachers, say
+    if missing:
+        path = re.sub(r"\[(\d+)\]", r".\1", missing[0])  # method.teachers[1].checkpoint, as an override names it
         raise KdrunError(f"{path} has no value and this config needs one; give it on the command line: {path}=VALUE")
     for problem in _combinations(cfg):
         if problem:
