@@ -17,9 +17,11 @@ summary.json exists is reused, so a rerun adds seeds or finishes what was cut of
 Both students have the teachers' architecture and start from the generalist (student.init), so the difference
 between them is the generalist's head alone, and claim 1 asks whether KD from the task teacher *erodes* the
 representation the student started with (`--students-from scratch`: both start from random weights, so the
-question becomes what each learns from its teachers on the task's images alone). All four runs end with the same transfer evaluation (`transfer=`,
-default fashion_tops_digits): the classifier input of the run's model, probed on downstream tasks that none of
-them was trained or distilled on: Fashion-MNIST tops [0, 2, 4, 6] (T-shirt, pullover, coat, shirt: the same
+question becomes what each learns from its teachers on the task's images alone; `--proxy generalist`: both
+students distil on the generalist's six classes instead of the task's three, the paper's proxy broader than the
+task, the task head being the classifier's outputs of the task's classes, `method.task_classes`). All four runs
+end with the same transfer evaluation (`transfer=`, default fashion_tops_digits): the classifier input of the
+run's model, probed on downstream tasks that none of them was trained or distilled on: Fashion-MNIST tops [0, 2, 4, 6] (T-shirt, pullover, coat, shirt: the same
 domain, classes none of the models saw) and scikit-learn's digits (another domain).
 
 The paper's claims, checked on the means over seeds and printed under the table:
@@ -70,16 +72,28 @@ def seed_runs(out: Path, seed: int, args) -> dict[str, dict]:
                                                       f"student.init={best('generalist')}",
                                                       f"schedule.epochs={args.finetune_epochs}"])
     start = [f"student.init={best('generalist')}"] if args.students_from == "generalist" else []
-    suffix = "" if args.students_from == "generalist" else f"_from_{args.students_from}"
-    student = [*base, _classes(TASK), *start, f"schedule.epochs={args.epochs}"]
-    runs["kd_student"] = kdrun(d / f"kd_student{suffix}", [*student, "method=kd", "method.alpha=1.0",
-                                                  f"method.temperature={args.temperature}", f"teacher={args.model}",
-                                                  f"teacher.checkpoint={best('task_teacher')}"])
-    teachers = f"method.teachers=[{{checkpoint: '{best('generalist')}'}}, {{checkpoint: '{best('task_teacher')}'}}]"
-    runs["consolidated"] = kdrun(d / f"consolidated{suffix}", [*student, "method=consolidation", teachers,
-                                                      "method.task_head=1", "method.ce_weight=0.0",
-                                                      f"method.temperature={args.temperature}"])
+    suffix = _suffix(args)
+    student = [*base, *start, f"schedule.epochs={args.epochs}", f"method.temperature={args.temperature}"]
+    generalist, task = (f"{{checkpoint: '{best(name)}'}}" for name in ("generalist", "task_teacher"))
+    if args.proxy == "task":
+        runs["kd_student"] = kdrun(d / f"kd_student{suffix}", [*student, _classes(TASK), "method=kd", "method.alpha=1.0",
+                                                               f"teacher={args.model}",
+                                                               f"teacher.checkpoint={best('task_teacher')}"])
+        proxy = [_classes(TASK)]
+    else:  # the generalist's images: the task head is the classifier's outputs of TASK's classes, plain KD one head
+        proxy = [_classes(GENERALIST), f"method.task_classes=[{','.join(str(GENERALIST.index(c)) for c in TASK)}]"]
+        runs["kd_student"] = kdrun(d / f"kd_student{suffix}", [*student, *proxy, "method=consolidation",
+                                                               f"method.teachers=[{task}]", "method.task_head=0"])
+    runs["consolidated"] = kdrun(d / f"consolidated{suffix}", [*student, *proxy, "method=consolidation",
+                                                               f"method.teachers=[{generalist}, {task}]",
+                                                               "method.task_head=1", "method.ce_weight=0.0"])
     return runs
+
+
+def _suffix(args) -> str:
+    """The students' run-dir (and table) suffix: empty for the default protocol."""
+    return ("" if args.students_from == "generalist" else f"_from_{args.students_from}") + \
+        ("" if args.proxy == "task" else f"_proxy_{args.proxy}")
 
 
 def _cell(values: list[float]) -> str:
@@ -152,6 +166,10 @@ def main(argv=None):
     p.add_argument("--students-from", choices=["generalist", "scratch"], default="generalist",
                    help="where both students start: the generalist's weights (student.init) or random weights; "
                         "scratch runs go to <seed>/kd_student_from_scratch/ and consolidated_from_scratch/")
+    p.add_argument("--proxy", choices=["task", "generalist"], default="task",
+                   help="the students' (unlabeled) training images: the task's, or the generalist's six classes (the "
+                        "task's three among them; the KD student is then method=consolidation with the task teacher "
+                        "alone); generalist runs go to <seed>/kd_student_proxy_generalist/ and so on")
     p.add_argument("--tiny", action="store_true", help="a dry run: one epoch of 5 steps per run")
     p.add_argument("--extra", nargs="*", default=[], help="more kdrun overrides for every run")
     args = p.parse_args(argv)
@@ -161,9 +179,10 @@ def main(argv=None):
     results = [seed_runs(args.out.resolve(), s, args) for s in args.seeds]
     text, means = table(results)
     lines = [(f"Representation consolidation, Fashion-MNIST generalist {GENERALIST} -> task {TASK}, "
-              f"{len(args.seeds)} seed(s), students from {args.students_from}, accuracy in %:"), "", text, "", *claims(means, args.keep)]
+              f"{len(args.seeds)} seed(s), students from {args.students_from}, proxy: the {args.proxy}'s images, "
+              "accuracy in %:"), "", text, "", *claims(means, args.keep)]
     print("\n".join(lines))
-    name = "table" if args.students_from == "generalist" else f"table_from_{args.students_from}"
+    name = "table" + _suffix(args)
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     (args.out / f"{name}.json").write_text(json.dumps({"seeds": args.seeds, "means": means}, indent=1) + "\n")
 

@@ -10,24 +10,28 @@ import torch
 
 from conftest import make_cfg
 from kdrun import checkpoint, models
+from kdrun import data as kdata
 from kdrun.errors import KdrunError
+from kdrun.evaluation import evaluate
 from kdrun.methods.consolidation import Consolidation
 from kdrun.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-DATA = SimpleNamespace(name="toy", num_classes=10, in_chans=1, image_size=8, mean=[0.3], std=[0.4])
+DATA = SimpleNamespace(name="toy", num_classes=10, in_chans=1, image_size=8, mean=[0.3], std=[0.4],
+                       evaluation_sets=lambda: (kdata.TEST,))
 MLP = {"image_size": 8, "hidden": [16]}
 TASK = ["dataset.classes=[0,1,2]", "schedule.batch_size=64"]  # ~480 training images: 6 steps an epoch
 FAST = ["dataset=digits", "schedule.batch_size=256", "schedule.epochs=1", "trainer.max_steps=3", "student=cnn_small"]
 
 
-def _method(classes=(6, 10), weights=(0.3, 2.0), temperatures=(2.0, 4.0), ce_weight=0.5, task_head=1):
+def _method(classes=(6, 10), weights=(0.3, 2.0), temperatures=(2.0, 4.0), ce_weight=0.5, task_head=1,
+            task_classes=None):
     torch.manual_seed(0)
     student = models.create("mlp", DATA.num_classes, in_chans=1, **MLP)
     entries = [{"name": "mlp", "num_classes": n, "kwargs": MLP, "weight": w, "temperature": t}
                for n, w, t in zip(classes, weights, temperatures)]
-    m = Consolidation(student, teachers=entries, task_head=task_head, ce_weight=ce_weight)
+    m = Consolidation(student, teachers=entries, task_head=task_head, ce_weight=ce_weight, task_classes=task_classes)
     m.setup(DATA)
     return m
 
@@ -95,6 +99,27 @@ def test_a_few_steps_move_each_head_toward_its_own_teacher_not_the_others():
         assert after[k][k] < after[k][1 - k]  # and is closer to it than to the other teacher
 
 
+def test_with_task_classes_the_task_head_is_the_classifiers_outputs_of_those_classes():
+    """A proxy broader than the task: the task teacher's 3 classes are the run's classes 7, 2 and 5, in its order."""
+    m = _method(classes=(6, 3), ce_weight=0.0, task_classes=[7, 2, 5])
+    x, y = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([7, 2, 0, 5, 5, 9])
+    losses, metrics = m.training_step({"image": x, "label": y})
+    full = m.student(x)  # ten outputs: the run's classes
+    s0, _ = _heads_by_hand(m, x)
+    t0, t1 = (teacher(x) for teacher in m.teacher.members)
+    torch.testing.assert_close(losses["kd/1"], 2.0 * _kd(full[:, [7, 2, 5]], t1, 4.0))
+    torch.testing.assert_close(losses["kd/0"], 0.3 * _kd(s0, t0, 2.0))
+    task_label = torch.tensor([0, 1, 2, 2])  # of the images of classes 7, 2, 5, 5; classes 0 and 9 are not the task
+    hits = (full[[0, 1, 3, 4]][:, [7, 2, 5]].argmax(1) == task_label).float().mean()
+    torch.testing.assert_close(metrics["acc"], hits)
+    test = m.stages(4)[0].evaluate
+    assert [(e.name, e.split, e.classes, e.mask) for e in test] == [("test", "test", (7, 2, 5), (7, 2, 5))]
+    with pytest.raises(KdrunError, match=r"method.task_classes=\[7, 2\] must name.* 3 distinct classes"):
+        _method(classes=(6, 3), ce_weight=0.0, task_classes=[7, 2])
+    with pytest.raises(KdrunError, match="method.ce_weight=0.5 with method.task_classes"):
+        _method(classes=(6, 3), task_classes=[7, 2, 5])
+
+
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     """Two checkpoints of short kdrun runs on digits: a generalist of all ten digits, and a task teacher of the
@@ -123,6 +148,22 @@ def test_consolidation_runs_end_to_end_on_digits_with_two_teachers_and_writes_th
     assert 0 <= summary["transfer/low/acc"] <= 1 and 0 <= summary["transfer/high/acc"] <= 1
     probe = json.loads((tmp_path / "transfer" / "low" / "linear_probe" / "result.json").read_text())
     assert probe["layer"] == "fc:in"  # the shared feature the heads read
+
+
+def test_a_proxy_of_more_classes_than_the_task_scores_the_task_head_on_the_tasks_test_images(teachers, tmp_path):
+    """The proxy is every digit, labelled in another order: the task teacher's digits 0, 1 and 2 are the run's
+    classes 1, 0 and 3. The summary's test accuracy is best.pt's on those classes' test images alone."""
+    gen, task = teachers
+    proxy = ["dataset.classes=[1,0,3,2,4,5,6,7,8,9]", "dataset.val_size=null"]  # task 0, 1, 2 = the run's 1, 0, 3
+    cfg = make_cfg(*FAST, *proxy, "method=consolidation", _entries(gen, task), "method.task_classes=[1,0,3]")
+    summary = run(cfg, tmp_path, "consolidation")
+    model, ckpt = checkpoint.load_model(tmp_path / "checkpoints" / "best.pt")
+    assert ckpt["arch"]["num_classes"] == 10  # the proxy's classifier; the task is three of its outputs
+    loaders = kdata.Loaders(kdata.build(cfg.dataset), kdata.BatchSpec(), 256, 256, "cpu", seed=0)
+    task_test = loaders.evaluation(kdata.EvalSet("test", classes=(1, 0, 3)))
+    assert summary["test/acc"] == pytest.approx(evaluate(model, task_test, classes=(1, 0, 3))["acc"])
+    whole_test = evaluate(model, loaders.evaluation(kdata.TEST), classes=(1, 0, 3))["acc"]  # other digits: wrong
+    assert summary["test/acc"] > 0 and summary["test/acc"] != pytest.approx(whole_test)  # the task's images alone
 
 
 @pytest.mark.parametrize("entries, extra, message", [

@@ -20,6 +20,12 @@ student's own classifier, sized to the run's dataset (the distillation task): th
 transfer evaluation reads). The run's training images are the proxy data; `ce_weight` 0 (the default) uses none
 of their labels, as the paper's unlabeled proxy.
 
+A proxy broader than the task: `task_classes` names the run's classes that are the task teacher's, in its label
+order (e.g. `dataset.classes=[1,3,5,7,8,9] method.task_classes=[2,3,5]` for a task teacher of [5, 7, 9]). The task
+head is then the student's classifier's outputs of those classes (the others are never trained), and the run's
+validation and test sets are their images, scored with the other classes' logits masked out; `ce_weight` must be 0
+(the labels of the proxy's other classes have no task head to train).
+
 Teachers (`teachers`, a list; needs_teacher is False: the method obtains its teachers itself, each frozen and in
 eval mode): `{checkpoint: PATH}`, a checkpoint of an earlier kdrun run rebuilt from its `arch` record, or a model
 preset `{name: resnet50, pretrained: true, num_classes: 1000}` (kwargs, in_chans as kdrun.models.create takes
@@ -34,6 +40,7 @@ CPU-scale protocol (scripts/consolidation_table.py) fine-tunes the task teacher 
 an expert library grown from one generalist would; `student.pretrained=true` is the ImageNet equivalent.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,7 +52,7 @@ from kdrun.data import BatchSpec
 from kdrun.errors import KdrunError
 from kdrun.features import probe_input
 from kdrun.losses import kd_loss
-from kdrun.methods.base import Method, accuracy, teacher_view
+from kdrun.methods.base import Method, Stage, accuracy, teacher_view
 from kdrun.models.multihead import Concat, MultiHead
 
 ENTRY_KEYS = {"checkpoint", "name", "pretrained", "num_classes", "kwargs", "in_chans", "weight", "temperature"}
@@ -57,8 +64,15 @@ class Consolidation(Method):
     batch_spec = BatchSpec(cacheable=True)
 
     def __init__(self, student, teacher=None, teachers: list | None = None, task_head: int = 1,
-                 ce_weight: float = 0.0, temperature: float = 1.0):
+                 ce_weight: float = 0.0, temperature: float = 1.0, task_classes: list[int] | None = None):
         super().__init__(student, None)
+        self.task_classes = tuple(_plain(task_classes)) if task_classes is not None else None
+        self.evaluation_sets = None  # the run's own, unless the task is some of its classes (setup)
+        self.register_buffer("task_label", None, persistent=False)  # likewise: each class's task label, or -1
+        if self.task_classes is not None and ce_weight:
+            raise KdrunError(f"method.ce_weight={ce_weight} with method.task_classes: the proxy's other classes have "
+                             "no task head to train on their labels; give method.ce_weight=0 (an unlabeled proxy), or "
+                             "the task as the run's dataset and method.task_classes=null")
         self.entries = [_entry(i, e) for i, e in enumerate(_plain(teachers) or [])]
         if not self.entries:
             raise KdrunError("method=consolidation has no teachers; give method.teachers=[{checkpoint: "
@@ -75,22 +89,40 @@ class Consolidation(Method):
         x = probe_input(self.student, (data.in_chans, data.image_size, data.image_size))
         with torch.no_grad():
             classes = [m.eval()(x.to(next(m.parameters()).device)).shape[1] for m in members]
-        if classes[self.task_head] != data.num_classes:
+        task = self.task_classes
+        if task is None and classes[self.task_head] != data.num_classes:
             raise KdrunError(f"method.teachers[{self.task_head}] (the task head) predicts {classes[self.task_head]} "
                              f"classes but {data.name} has {data.num_classes}; the run's dataset is the task: give its "
-                             "teacher, or point method.task_head at it")
+                             "teacher, point method.task_head at it, or name the task's classes among the dataset's "
+                             "(method.task_classes)")
+        if task is not None and (len(task) != classes[self.task_head] or len(set(task)) != len(task)
+                                 or not all(0 <= c < data.num_classes for c in task)):
+            raise KdrunError(f"method.task_classes={list(task)} must name, in the task teacher's label order, "
+                             f"{classes[self.task_head]} distinct classes of the run's dataset (0..{data.num_classes - 1}), "
+                             f"one per output of method.teachers[{self.task_head}]")
         self.teacher = Concat(list(members), classes, list(names)).requires_grad_(False).eval()
-        self.net = MultiHead(self.student, models.classifier(self.student)[0], classes, self.task_head)
+        self.net = MultiHead(self.student, models.classifier(self.student)[0], classes, self.task_head,
+                             task_outputs=list(task) if task is not None else None)
+        if task is not None:
+            self.evaluation_sets = tuple(replace(s, classes=task, mask=task) for s in data.evaluation_sets())
+            self.task_label = _positions(task, data.num_classes)
+
+    def stages(self, epochs):
+        return [Stage("train", epochs, evaluate=self.evaluation_sets)]
 
     def training_step(self, batch):
         heads = self.net(batch["image"])
         targets = self.teacher.split(self.teacher_outputs(batch))
         losses = {f"kd/{k}": w * kd_loss(s, t, temp) for k, (s, t, w, temp)
                   in enumerate(zip(heads, targets, self.weights, self.temperatures)) if w}
-        task = heads[self.task_head]
+        task, label = heads[self.task_head], batch["label"]
         if self.ce_weight:
-            losses["ce"] = self.ce_weight * F.cross_entropy(task, batch["label"])
-        return losses, {"acc": accuracy(task, batch["label"])}
+            losses["ce"] = self.ce_weight * F.cross_entropy(task, label)
+        if self.task_label is None:
+            return losses, {"acc": accuracy(task, label)}
+        label = self.task_label[label]  # the task head's label of each image; -1: a class outside the task
+        seen = label >= 0
+        return losses, {"acc": ((task.argmax(1) == label) & seen).sum() / seen.sum().clamp(min=1)}
 
     @torch.no_grad()
     def teacher_outputs(self, batch):
@@ -151,6 +183,13 @@ def _teacher(i: int, entry: dict, data) -> tuple[torch.nn.Module, str]:
     model = models.from_arch(arch)
     checkpoint.load_weights(model, path, what=f"{field} teacher")
     return model, arch.get("name") or f"teacher{i}"
+
+
+def _positions(task: tuple[int, ...], num_classes: int) -> torch.Tensor:
+    """(num_classes,): each class's position among `task`, or -1 for a class outside it."""
+    label = torch.full((num_classes,), -1, dtype=torch.long)
+    label[list(task)] = torch.arange(len(task))
+    return label
 
 
 def _close(a, b) -> bool:

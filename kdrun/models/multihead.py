@@ -11,22 +11,31 @@ class MultiHead(nn.Module):
     """`body`, a classifier whose last nn.Linear is `classifier` (its module path), with one linear head per label
     space on that Linear's input (the shared feature): head k has `classes[k]` outputs. Head `task` IS `body`'s own
     classifier, so `body` alone stays a plain classifier of the task (what is evaluated and checkpointed); the
-    other heads are new nn.Linear layers. `forward` gives every head's logits, in order."""
+    other heads are new nn.Linear layers. `task_outputs`: the classifier's outputs that are the task head's, in its
+    order (None: all of them), when `body` classifies more classes than the task has. `forward` gives every head's
+    logits, in order."""
 
-    def __init__(self, body: nn.Module, classifier: str, classes: list[int], task: int):
+    def __init__(self, body: nn.Module, classifier: str, classes: list[int], task: int,
+                 task_outputs: list[int] | None = None):
         super().__init__()
         head = body.get_submodule(classifier)
-        if not isinstance(head, nn.Linear) or head.out_features != classes[task]:
-            raise KdrunError(f"the student's classifier {classifier} gives "
-                             f"{getattr(head, 'out_features', '?')} outputs but its task head needs {classes[task]}; "
-                             "give a task teacher of the run's dataset's classes")
+        outputs = getattr(head, "out_features", None)
+        wanted = len(task_outputs) if task_outputs is not None else classes[task]
+        if not isinstance(head, nn.Linear) or wanted != classes[task] \
+                or (outputs != wanted if task_outputs is None else max(task_outputs) >= outputs):
+            raise KdrunError(f"the student's classifier {classifier} gives {outputs or '?'} outputs but its task head "
+                             f"needs {classes[task]}; give a task teacher of the run's dataset's classes, or name "
+                             "its classes among the dataset's (method.task_classes)")
         self.body, self.task, self.classifier = body, task, classifier
+        self.task_outputs = list(task_outputs) if task_outputs is not None else None
         self.heads = nn.ModuleList(head if k == task else nn.Linear(head.in_features, n)
                                    for k, n in enumerate(classes))
         self._features = FeatureHooks(body, [classifier + INPUT_SUFFIX], role="student")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out, (feature,) = self._features(x)
+        if self.task_outputs is not None:
+            out = out[:, self.task_outputs]
         return [out if k == self.task else head(feature) for k, head in enumerate(self.heads)]
 
 
