@@ -7,6 +7,7 @@ and train_student.py: -r 1, -a 0 and -b per method; KD -r 0.1 -a 0.9; CRD+KD -a 
 import itertools
 import math
 from importlib.resources import files
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -212,7 +213,8 @@ def test_logit_standardization_population_std_by_default_sample_std_with_correct
 # -r 1, --kd_T 4, feat_dim 128, nce_k 16384, nce_t 0.07, nce_m 0.5, init_epochs 30) and distiller_zoo.
 BENCHMARK = {
     "crd/kd": {"temperature": 4.0, "alpha": 0.9, "logit_standardization": False},  # -r 0.1 -a 0.9
-    "crd/fitnet": {"stages": 1, "weight": 100.0, "ce_weight": 1.0, "kd_weight": 0.0, "regressor_relu": True},
+    "crd/fitnet": {"stages": 1, "weight": 100.0, "ce_weight": 1.0, "kd_weight": 0.0, "regressor_relu": True,
+                   "regressor": "convreg"},
     "at": {"weight": 1000.0, "p": 2.0},
     "sp": {"weight": 3000.0},
     "crd/cc": {"weight": 0.02, "form": "delta_product", "feat_dim": 128},
@@ -272,7 +274,8 @@ def test_every_crd_cell_resolves_to_the_benchmarks_conventions_and_weights():
 def test_plain_methods_keep_the_papers_conventions():
     for method, key, paper in (("rkd", "include_diagonal", False), ("pkt", "include_diagonal", False),
                                ("cc", "form", "kernel"), ("ft", "reduce_channels", False), ("ft", "paraphraser_bn", True),
-                               ("fitnet", "regressor_relu", None), ("kd", "ls_std_correction", 0)):
+                               ("fitnet", "regressor_relu", None), ("fitnet", "regressor", "paper"),
+                               ("kd", "ls_std_correction", 0)):
         assert make_cfg(f"method={method}").method[key] == paper, (method, key)
 
 
@@ -282,3 +285,35 @@ def test_benchmark_conventions_train_end_to_end(method, extra, tmp_path):
     summary = run(make_cfg("dataset=digits", "schedule.batch_size=256", "schedule.epochs=2", "teacher.epochs=1",
                            "trainer.max_steps=7", f"method={method}", *extra), tmp_path, method.replace("/", "_"))
     assert summary["steps"] == 7 and math.isfinite(summary["test/acc"])
+
+
+@pytest.mark.parametrize("form, guided, conv", [("convreg", "layer2", torch.nn.ConvTranspose2d),
+                                                ("paper", "layer1", torch.nn.Conv2d)])
+def test_fitnets_convreg_doubles_a_guided_map_half_the_hints_size_as_the_benchmark_does(form, guided, conv):
+    """resnet32x4 -> shufflenetv1 at 32 px: the hint (the teacher's layer2) is 16x16, the student's layer2 8x8.
+    RepDistiller's ConvReg guides that layer2 through a 4x4 stride-2 transposed conv, BN, ReLU; the paper's
+    regressor (a valid conv, which only shrinks) guides the student's 16x16 layer1 instead."""
+    from kdrun import models
+    from kdrun.methods.fitnet import FitNet
+
+    torch.manual_seed(0)
+    student, teacher = models.create("shufflenetv1", 100, in_chans=3), models.create("resnet32x4", 100, in_chans=3)
+    method = FitNet(student, teacher, stages=1, regressor_relu=True, regressor=form)
+    method.setup(SimpleNamespace(in_chans=3, image_size=32))
+    assert method.s_hooks.specs == [guided] and method.t_hooks.specs == ["layer2"]
+    (layer,) = [m for m in method.regressor if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert type(layer) is conv
+    if form == "paper":
+        return
+    assert (layer.kernel_size, layer.stride, layer.padding) == ((4, 4), (2, 2), (1, 1))
+    images = _randn(4, 3, 32, 32, seed=11).float()
+    seen = {}
+    for name, model in (("guided", student), ("hint", teacher)):  # each layer2's output, read by a plain hook
+        model.layer2.register_forward_hook(lambda _m, _i, out, name=name: seen.setdefault(name, out.detach()))
+    losses, _ = method.training_step({"image": images, "label": torch.arange(4)})
+    guided_map, hint = seen["guided"], seen["hint"]
+    up = torch.nn.functional.conv_transpose2d(guided_map, layer.weight, layer.bias, stride=2, padding=1)
+    mean, var = up.mean((0, 2, 3), keepdim=True), up.var((0, 2, 3), unbiased=False, keepdim=True)
+    regressed = ((up - mean) / (var + 1e-5).sqrt()).relu()  # BN in training mode at its initial scale and shift
+    assert up.shape == hint.shape == (4, 128, 16, 16)
+    torch.testing.assert_close(losses["hint"], 100.0 * ((regressed - hint) ** 2).mean(), rtol=1e-4, atol=1e-6)
