@@ -221,13 +221,15 @@ BENCHMARK = {
     "vid": {"weight": 1.0, "init_var": 5.0, "eps": 1e-5},
     "crd/rkd": {"weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0, "include_diagonal": True},
     "crd/pkt": {"weight": 30000.0, "include_diagonal": True},
-    "ab": {"weight": 0.003, "margin": 1.0, "init_epochs": 30},  # ABLoss: 2^(i-n+1) / bsz * 3 / 1000 in the init
+    "crd/ab": {"weight": 0.003, "margin": 1.0, "init_epochs": 30,  # ABLoss: 2^(i-n+1) / bsz * 3 / 1000 in the init
+               "connector": "convreg"},
     "crd/ft": {"weight": 200.0, "p": 1.0, "rate": 0.5, "init_epochs": 30, "reduce_channels": True,
                "paraphraser_bn": False},
     "fsp": {"weight": 1.0, "init_epochs": 30},  # init: the plain sum of the per-pair means; then CE only
     "nst": {"weight": 50.0},
     "crd": {"weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5, "kd_weight": 0.0},
     "crd/crd_kd": {"weight": 0.8, "kd_weight": 1.0, "temperature": 4.0},
+    "crd/ofd": {"weight": 1e-3, "align": "pool"},  # mdistiller's OFD, the table's row
 }
 SAME_ARCHITECTURE_FSP = {"resnet110_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "resnet56_resnet20",
                          "vgg13_vgg8", "wrn_40_2_wrn_16_2"}  # Table 1, FSP N/A for wrn_40_1; Table 2 has no FSP
@@ -247,7 +249,7 @@ def test_every_crd_preset_runs_each_benchmark_method_under_its_benchmark_config(
     for pair, methods in rows.items():
         table = set(BENCHMARK) - ({"fsp"} if pair not in SAME_ARCHITECTURE_FSP else set())
         assert table <= set(methods), (pair, table - set(methods))
-        assert not {"kd", "fitnet", "cc", "rkd", "pkt", "ft"} & set(methods), pair  # paper conventions
+        assert not {"kd", "fitnet", "cc", "rkd", "pkt", "ft", "ab", "ofd"} & set(methods), pair  # paper conventions
 
 
 def _check(cfg, expected):
@@ -275,12 +277,14 @@ def test_plain_methods_keep_the_papers_conventions():
     for method, key, paper in (("rkd", "include_diagonal", False), ("pkt", "include_diagonal", False),
                                ("cc", "form", "kernel"), ("ft", "reduce_channels", False), ("ft", "paraphraser_bn", True),
                                ("fitnet", "regressor_relu", None), ("fitnet", "regressor", "paper"),
+                               ("ab", "connector", "paper"), ("ofd", "align", "resolution"),
                                ("kd", "ls_std_correction", 0)):
         assert make_cfg(f"method={method}").method[key] == paper, (method, key)
 
 
 @pytest.mark.parametrize("method, extra", [("crd/rkd", ["schedule.batch_size=32"]), ("crd/pkt", []), ("crd/cc", []),
-                                           ("crd/ft", ["method.init_epochs=1"]), ("crd/fitnet", [])])
+                                           ("crd/ft", ["method.init_epochs=1"]), ("crd/fitnet", []),
+                                           ("crd/ab", ["method.init_epochs=1"])])
 def test_benchmark_conventions_train_end_to_end(method, extra, tmp_path):
     summary = run(make_cfg("dataset=digits", "schedule.batch_size=256", "schedule.epochs=2", "teacher.epochs=1",
                            "trainer.max_steps=7", f"method={method}", *extra), tmp_path, method.replace("/", "_"))
@@ -317,3 +321,69 @@ def test_fitnets_convreg_doubles_a_guided_map_half_the_hints_size_as_the_benchma
     regressed = ((up - mean) / (var + 1e-5).sqrt()).relu()  # BN in training mode at its initial scale and shift
     assert up.shape == hint.shape == (4, 128, 16, 16)
     torch.testing.assert_close(losses["hint"], 100.0 * ((regressed - hint) ** 2).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_abs_benchmark_connector_is_the_identity_for_equal_shapes_and_convreg_across_sizes():
+    """RepDistiller's AB Connector: feat[1:-1] paired in order; resnet56 -> resnet20 has equal shapes, so no
+    connector at all (the paper's 1x1 conv + BN otherwise); resnet32x4 -> shufflenetv1 pairs 32, 16, 8 px
+    teacher maps with 16, 8, 4 px student maps, each through a 4x4 stride-2 transposed conv and BN, no ReLU."""
+    from kdrun import models
+    from kdrun.methods.ab import AB
+
+    torch.manual_seed(0)
+    data = SimpleNamespace(in_chans=3, image_size=32)
+    same = AB(models.create("resnet20", 100, in_chans=3), models.create("resnet56", 100, in_chans=3), connector="convreg")
+    same.setup(data)
+    assert all(isinstance(c, nn.Identity) for c in same.connectors) and len(same.connectors) == 3
+    paper = AB(models.create("resnet20", 100, in_chans=3), models.create("resnet56", 100, in_chans=3))
+    paper.setup(data)
+    assert all(isinstance(c[0], nn.Conv2d) and c[0].kernel_size == (1, 1) for c in paper.connectors)
+    cross = AB(models.create("shufflenetv1", 100, in_chans=3), models.create("resnet32x4", 100, in_chans=3),
+               connector="convreg")
+    cross.setup(data)
+    assert len(cross.connectors) == 3  # the paper's form pairs by resolution and keeps two of them
+    for c in cross.connectors:
+        assert [type(m) for m in c] == [nn.ConvTranspose2d, nn.BatchNorm2d]
+        assert (c[0].kernel_size, c[0].stride, c[0].padding) == ((4, 4), (2, 2), (1, 1))
+    images = _randn(2, 3, 32, 32, seed=12).float()
+    cross.on_stage_start(cross.stages(1)[0], None)
+    losses, _ = cross.training_step({"image": images, "label": torch.arange(2)})
+    with torch.no_grad():
+        (_, s_feats), (_, t_feats) = cross.s_hooks(images), cross.t_hooks(images)
+    expected = 0.0
+    for i, (s, t, c) in enumerate(zip(s_feats, t_feats, cross.connectors)):
+        up = torch.nn.functional.conv_transpose2d(s, c[0].weight, c[0].bias, stride=2, padding=1)
+        mean, var = up.mean((0, 2, 3), keepdim=True), up.var((0, 2, 3), unbiased=False, keepdim=True)
+        r = (up - mean) / (var + 1e-5).sqrt()
+        boundary = (t > 0).float() * (1.0 - r).clamp(min=0) + (t <= 0).float() * (1.0 + r).clamp(min=0)
+        expected += 2.0 ** (i - 3 + 1) * (boundary ** 2).sum() / 2  # summed over neurons, averaged over the batch
+    torch.testing.assert_close(losses["ab"], 0.003 * expected, rtol=1e-4, atol=1e-6)
+
+
+def test_ofds_table_row_pools_each_teacher_map_to_its_student_maps_size():
+    """mdistiller's OFD (the CRD table's row): resnet32x4 -> shufflenetv1 pairs the 32, 16, 8 px teacher stages
+    with the 16, 8, 4 px student stages in order, each teacher map averaged over 2x2 blocks; the paper's pairing by
+    resolution keeps two pairs (16 and 8 px)."""
+    from kdrun import models
+    from kdrun.losses import ofd_loss
+    from kdrun.methods.ofd import OFD
+
+    torch.manual_seed(0)
+    data = SimpleNamespace(in_chans=3, image_size=32)
+    resolution = OFD(models.create("shufflenetv1", 100, in_chans=3), models.create("resnet32x4", 100, in_chans=3))
+    resolution.setup(data)
+    assert len(resolution.connectors) == 2
+    pool = OFD(models.create("shufflenetv1", 100, in_chans=3), models.create("resnet32x4", 100, in_chans=3),
+               align="pool", ce_weight=0.0)
+    pool.setup(data)
+    images = _randn(2, 3, 32, 32, seed=13).float()
+    losses, _ = pool.training_step({"image": images, "label": torch.arange(2)})
+    with torch.no_grad():
+        (_, s_feats), (_, t_feats) = pool.s_hooks(images), pool.t_hooks(images)
+    assert [t.shape[2] for t in t_feats] == [32, 16, 8] and [s.shape[2] for s in s_feats] == [16, 8, 4]
+    expected = 0.0
+    for i, (s, t, r) in enumerate(zip(s_feats, t_feats, pool.connectors)):
+        b, c, h, w = t.shape
+        pooled = t.view(b, c, h // 2, 2, w // 2, 2).mean((3, 5))
+        expected += ofd_loss(r(s), pooled, getattr(pool, f"margin_{i}")) / 2 ** (3 - i - 1)
+    torch.testing.assert_close(losses["ofd"], 1e-3 * expected, rtol=1e-4, atol=1e-7)

@@ -6,6 +6,9 @@ alone to put each neuron on the teacher's side of its activation boundary, with 
 the deeper layers count more (2^(l - n + 1)) and the sum is scaled by `weight` = 3/1000, as in the CRD
 benchmark. Then (`schedule.epochs`) the student trains with CE (and KD when `kd_weight` > 0); the
 connectors are dropped.
+`connector`: `paper` (the 1x1 conv + BN above, on stages of equal resolution) or `convreg` (the CRD benchmark's
+Connector, method=crd/ab: the i-th stages paired whatever their sizes, the identity where channels and size are
+equal, else its ConvReg without ReLU, which also halves or doubles a map).
 """
 
 from torch import nn
@@ -13,22 +16,29 @@ from torch import nn
 from kdrun import features
 from kdrun.losses import ab_loss
 from kdrun.methods.base import Stage
-from kdrun.methods.feature import FeatureMethod, connector, same_spatial
+from kdrun.methods.feature import FeatureMethod, connector, convreg, same_spatial
 
 
 class AB(FeatureMethod):
-    ranges = {"init_epochs": "[0, inf)", "margin": "[0, inf)"}
+    ranges = {"init_epochs": "[0, inf)", "margin": "[0, inf)", "connector": "{paper, convreg}"}
     positions = "stages"
     preact = (True, True)
     pairing = "resolution"
 
-    def __init__(self, student, teacher, init_epochs: int = 30, margin: float = 1.0, weight: float = 0.003, **kwargs):
+    def __init__(self, student, teacher, init_epochs: int = 30, margin: float = 1.0, weight: float = 0.003,
+                 connector: str = "paper", **kwargs):
         super().__init__(student, teacher, weight, **kwargs)
-        self.init_epochs, self.margin = init_epochs, margin
+        self.init_epochs, self.margin, self.connector_form = init_epochs, margin, connector
+        if connector == "convreg":
+            self.pairing = "index"  # the benchmark pairs feat[1:-1] in order and resamples unequal sizes
 
     def build(self, s_feats, t_feats):
-        same_spatial(s_feats, t_feats, "ab")
-        self.connectors = nn.ModuleList(connector(s.shape, t.shape) for s, t in zip(s_feats, t_feats))
+        if self.connector_form == "convreg":
+            self.connectors = nn.ModuleList(nn.Identity() if s.shape[1:3] == t.shape[1:3] else
+                                            convreg(s.shape, t.shape, relu=False) for s, t in zip(s_feats, t_feats))
+        else:
+            same_spatial(s_feats, t_feats, "ab")
+            self.connectors = nn.ModuleList(connector(s.shape, t.shape) for s, t in zip(s_feats, t_feats))
         x = features.probe_input(self.student, self.input_shape)
         self.extractor = features.parameters_before(self.student, self.s_hooks.specs[-1], x)
 

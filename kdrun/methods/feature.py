@@ -175,6 +175,25 @@ def connector(s_shape, t_shape, bn: bool = True, relu: bool = False) -> nn.Modul
     return nn.Sequential(*layers, *([nn.ReLU()] if relu else []))
 
 
+def convreg(s_shape, t_shape, relu: bool) -> nn.Module:
+    """The CRD benchmark's ConvReg (RepDistiller's FitNet regressor and AB connector), from the student's map to
+    the teacher's: a 3x3 stride-2 conv when the student's map is twice the teacher's size, a 4x4 stride-2 transposed
+    conv when it is half, else a valid conv of kernel (1 + Hs - Ht, 1 + Ws - Wt); then BN and, with `relu`, a ReLU.
+    One sentence when the student's map is smaller than the teacher's and not half its size."""
+    (cs, hs, ws), (ct, ht, wt) = s_shape[1:], t_shape[1:]
+    if (hs, ws) == (2 * ht, 2 * wt):
+        conv = nn.Conv2d(cs, ct, 3, stride=2, padding=1)
+    elif (2 * hs, 2 * ws) == (ht, wt):
+        conv = nn.ConvTranspose2d(cs, ct, 4, stride=2, padding=1)
+    elif hs >= ht and ws >= wt:
+        conv = nn.Conv2d(cs, ct, (1 + hs - ht, 1 + ws - wt))
+    else:
+        raise KdrunError(f"the benchmark's ConvReg maps a student map onto a teacher map at most twice its size, but "
+                         f"they are {hs}x{ws} and {ht}x{wt}; choose layers that fit with student.feature_layers / "
+                         "teacher.feature_layers")
+    return nn.Sequential(conv, nn.BatchNorm2d(ct), *([nn.ReLU()] if relu else []))
+
+
 def same_spatial(s_feats, t_feats, what: str) -> None:
     """A clear error when paired maps differ in spatial size and the method does not resample them."""
     for i, (s, t) in enumerate(zip(s_feats, t_feats)):

@@ -22,15 +22,15 @@ from kdrun import features
 from kdrun.errors import KdrunError
 from kdrun.losses import hint_loss, kd_loss
 from kdrun.methods.base import Stage, accuracy
-from kdrun.methods.feature import FeatureMethod
+from kdrun.methods.feature import FeatureMethod, convreg
 
 
 def regressor(s_shape, t_shape, relu: bool, form: str = "paper") -> nn.Module:
     """The paper's convolutional regressor: a conv of kernel (1 + Hs - Ht, 1 + Ws - Wt) without padding maps the
     guided map onto the hint's size (Sec. 2.2) and, when the hint is a ReLU output, a ReLU (r keeps the hint's
     non-linearity); between them a BatchNorm, which the paper's regressor does not have (the CRD benchmark's
-    ConvReg does); for vector features a Linear regressor. `form="convreg"`: the CRD benchmark's ConvReg, which
-    also halves (3x3 stride-2 conv) or doubles (4x4 stride-2 transposed conv) the guided map's size."""
+    ConvReg does); for vector features a Linear regressor. `form="convreg"`: the CRD benchmark's ConvReg
+    (`kdrun.methods.feature.convreg`), which also halves or doubles the guided map's size."""
     if len(s_shape) != len(t_shape) or len(s_shape) not in (2, 4):
         raise KdrunError(f"FitNets' regressor maps the student's guided layer onto the teacher's hint, two feature "
                          f"maps (C, H, W) or two vectors, but they are {tuple(s_shape[1:])} and {tuple(t_shape[1:])}; "
@@ -38,16 +38,14 @@ def regressor(s_shape, t_shape, relu: bool, form: str = "paper") -> nn.Module:
                          "reads a module's input, e.g. fc:in for the classifier's input vector)")
     if len(s_shape) == 2:
         return nn.Sequential(nn.Linear(s_shape[1], t_shape[1]), *([nn.ReLU()] if relu else []))
+    if form == "convreg":
+        return convreg(s_shape, t_shape, relu)
     (hs, ws), (ht, wt) = s_shape[2:], t_shape[2:]
-    if form == "convreg" and ((hs, ws) == (2 * ht, 2 * wt) or (2 * hs, 2 * ws) == (ht, wt)):
-        conv = (nn.Conv2d(s_shape[1], t_shape[1], 3, stride=2, padding=1) if hs > ht
-                else nn.ConvTranspose2d(s_shape[1], t_shape[1], 4, stride=2, padding=1))
-        return nn.Sequential(conv, nn.BatchNorm2d(t_shape[1]), *([nn.ReLU()] if relu else []))
     if hs < ht or ws < wt:
         raise KdrunError(f"FitNets' regressor maps a larger guided layer onto a smaller hint, but the student's "
                          f"guided map is {hs}x{ws} and the teacher's hint {ht}x{wt}; pick a student layer at least "
                          "as large with student.feature_layers (or a smaller teacher.feature_layers)")
-    conv = nn.Conv2d(s_shape[1], t_shape[1], (1 + hs - ht, 1 + ws - wt), bias=form == "convreg")
+    conv = nn.Conv2d(s_shape[1], t_shape[1], (1 + hs - ht, 1 + ws - wt), bias=False)
     return nn.Sequential(conv, nn.BatchNorm2d(t_shape[1]), *([nn.ReLU()] if relu else []))
 
 

@@ -8,9 +8,13 @@ alpha = `weight` = 1e-3 (the CIFAR setting). The per-channel margin m = E[t | t 
 the response's mean and standard deviation: the paper reads those from the BatchNorm before the ReLU;
 kdrun measures them on the teacher's pre-ReLU responses of the first training batch (exact also where a
 residual sum sits between the BatchNorm and the ReLU) and keeps them as buffers.
+`align`: `resolution` (stages of equal size, compared position by position) or `pool` (mdistiller's, the CRD
+table's OFD row, method=crd/ofd: the stages paired in order whatever their sizes, each teacher map average-pooled
+to its student map's size).
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdrun.losses import ofd_loss, ofd_margin
@@ -22,12 +26,17 @@ class OFD(FeatureMethod):
     preact = (True, True)
     pairing = "resolution"
 
-    def __init__(self, student, teacher, weight: float = 1e-3, **kwargs):
+    ranges = {"align": "{resolution, pool}"}
+
+    def __init__(self, student, teacher, weight: float = 1e-3, align: str = "resolution", **kwargs):
         super().__init__(student, teacher, weight, **kwargs)
-        self.margins_known = False
+        self.margins_known, self.align = False, align
+        if align == "pool":
+            self.pairing = "index"
 
     def build(self, s_feats, t_feats):
-        same_spatial(s_feats, t_feats, "ofd")
+        if self.align == "resolution":
+            same_spatial(s_feats, t_feats, "ofd")
         self.connectors = nn.ModuleList(connector(s.shape, t.shape) for s, t in zip(s_feats, t_feats))
         for i, t in enumerate(t_feats):
             self.register_buffer(f"margin_{i}", torch.full((t.shape[1],), float("nan")))
@@ -44,7 +53,10 @@ class OFD(FeatureMethod):
         return margins
 
     def distill(self, s_feats, t_feats, batch):
-        n = len(s_feats)
+        n, margins = len(s_feats), self.margins(t_feats)
+        if self.align == "pool":
+            t_feats = [t if t.shape[2:] == s.shape[2:] else F.adaptive_avg_pool2d(t, s.shape[2:])
+                       for s, t in zip(s_feats, t_feats)]
         total = sum(ofd_loss(r(s), t, m) / 2 ** (n - i - 1)
-                    for i, (s, t, r, m) in enumerate(zip(s_feats, t_feats, self.connectors, self.margins(t_feats))))
+                    for i, (s, t, r, m) in enumerate(zip(s_feats, t_feats, self.connectors, margins)))
         return {"ofd": self.weight * total}
