@@ -27,14 +27,19 @@ def test_ofd_loss_matches_the_masked_square_it_replaces():
     s = _randn(3, 4, 5, 5, seed=3)
     s[1] = torch.maximum(t[1], m.view(4, 1, 1))  # the student on the target: zero terms either way
 
-    def old(s):
+    def old(s, t):
         target = torch.maximum(t, m.view(1, 4, 1, 1))
         skip = (s <= target) & (target <= 0)
         sq = (target - s).pow(2)
         return torch.where(skip, torch.zeros_like(sq), sq).sum() / s.shape[0]
 
-    (want, want_grad), (got, got_grad) = _value_and_grad(old, s), _value_and_grad(lambda s: ofd_loss(s, t, m), s)
+    (want, want_grad), (got, got_grad) = (_value_and_grad(lambda s: old(s, t), s),
+                                          _value_and_grad(lambda s: ofd_loss(s, t, m), s))
     torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    # an undetached teacher gets the gradient of the target max(T, m) too
+    (_, want_grad), (_, got_grad) = (_value_and_grad(lambda t: old(s, t), t),
+                                     _value_and_grad(lambda t: ofd_loss(s, t, m), t))
     torch.testing.assert_close(got_grad, want_grad)
 
 

@@ -98,8 +98,8 @@ class Consolidation(Method):
         if task is not None and (len(task) != classes[self.task_head] or len(set(task)) != len(task)
                                  or not all(0 <= c < data.num_classes for c in task)):
             raise KdrunError(f"method.task_classes={list(task)} must name, in the task teacher's label order, "
-                             f"{classes[self.task_head]} distinct classes of the run's dataset (0..{data.num_classes - 1}), "
-                             f"one per output of method.teachers[{self.task_head}]")
+                             f"{classes[self.task_head]} distinct classes of the run's dataset "
+                             f"(0..{data.num_classes - 1}), one per output of method.teachers[{self.task_head}]")
         self.teacher = Concat(list(members), classes, list(names)).requires_grad_(False).eval()
         self.net = MultiHead(self.student, models.classifier(self.student)[0], classes, self.task_head,
                              task_outputs=list(task) if task is not None else None)
