@@ -4,7 +4,7 @@ values and the same gradients on fixed tensors."""
 import torch
 import torch.nn.functional as F
 
-from kdrun.losses import hcl_loss, ofd_loss
+from kdrun.losses import hcl_loss, kdsvd_loss, ofd_loss
 from kdrun.methods.crd import CRD
 
 DT = torch.float64
@@ -83,3 +83,39 @@ def test_crd_dense_scores_match_autograd_through_gather_and_survive_a_bank_updat
     (scores * weights).sum().backward()
     torch.testing.assert_close((scores * weights).sum().detach(), want)
     torch.testing.assert_close(leaf.grad, want_grad)
+
+
+def test_kdsvd_student_vectors_from_the_gram_eigendecomposition_match_the_svds():
+    """The student's top k + 3 vectors come from eigh(A^T A) (their signs set by the alignment): the loss and its
+    gradient are the formula's with both sides from torch's SVD, written out here (full-rank maps, where torch's own
+    SVD gradient is finite)."""
+    teacher = [_randn(3, 6, 5, 5, seed=20), _randn(3, 10, 3, 3, seed=21)]
+    student = [_randn(3, 6, 5, 5, seed=22), _randn(3, 10, 3, 3, seed=23)]
+
+    def old(*feats, k=1):
+        total, prev = 0.0, None
+        for fs, ft in zip(feats, teacher):
+            _, s_t, vh_t = torch.linalg.svd(ft.flatten(2).transpose(1, 2), full_matrices=False)
+            _, _, vh_s = torch.linalg.svd(fs.flatten(2).transpose(1, 2), full_matrices=False)
+            v_t, s_t = F.normalize(vh_t[:, :k].transpose(1, 2), dim=1), F.normalize(s_t[:, :k], dim=1)
+            v_s = F.normalize(vh_s[:, :k + 3].transpose(1, 2), dim=1)
+            cos = v_s.transpose(1, 2) @ v_t
+            best = cos.abs() == cos.abs().amax(dim=1, keepdim=True)
+            v_s = v_s @ torch.where(best, torch.sign(cos), torch.zeros_like(cos))
+            v_s, v_t = v_s * s_t.unsqueeze(1), v_t * s_t.unsqueeze(1)
+            if prev is not None:
+                def rbf(a, b):
+                    return torch.exp(-(a.unsqueeze(2) - b.unsqueeze(1)).pow(2) / 8)
+                total = total + (rbf(v_s, prev[0]) - rbf(v_t, prev[1])).pow(2).sum() / fs.shape[0]
+            prev = (v_s, v_t)
+        return total
+
+    leaves = [s.clone().requires_grad_(True) for s in student]
+    want = old(*leaves)
+    want_grads = torch.autograd.grad(want, leaves)
+    leaves = [s.clone().requires_grad_(True) for s in student]
+    got = kdsvd_loss(leaves, teacher)
+    got_grads = torch.autograd.grad(got, leaves)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)

@@ -554,52 +554,70 @@ class _TopSingular(torch.autograd.Function):
     """The top-k singular values (B, k) and right singular vectors (B, C, k) of a batch of (B, M, C) matrices,
     differentiated through those k triplets only.
 
-    With A = U S V^T (reduced, K = min(M, C) triplets), v_i = A^T u_i / s_i and for i <= k
+    With A = U S V^T (K triplets), W = A V = U S, v_i = A^T u_i / s_i and for i <= k
         dv_i = sum_{j != i} v_j (s_j u_j^T dA v_i + s_i u_i^T dA v_j) / (s_i^2 - s_j^2) + (I - V V^T) dA^T u_i / s_i,
-        ds_i = u_i^T dA v_i.
-    This is torch's SVD gradient without the pairs j, j' > k, whose terms are 0 / (s_j^2 - s_j'^2): NaN once two of
-    the unused singular values are equal, as the zero ones of a rank-deficient map are (a feature map with repeated
-    positions, e.g. a uniform background). Where the gradient is genuinely undefined (s_i = s_j for i <= k, or
-    s_i = 0) the non-finite factors 1 / (s_i^2 - s_j^2) and 1 / s_i are set to 0, as in the authors' SVD gradient.
+        ds_i = u_i^T dA v_i,
+    written with W so that U is never needed. This is torch's SVD gradient without the pairs j, j' > k, whose
+    terms are 0 / (s_j^2 - s_j'^2): NaN once two of the unused singular values are equal, as the zero ones of a
+    rank-deficient map are (a feature map with repeated positions, e.g. a uniform background). Where the gradient
+    is genuinely undefined (s_i = s_j for i <= k, or s_i = 0) the non-finite factors 1 / (s_i^2 - s_j^2) and
+    1 / s_i are set to 0, as in the authors' SVD gradient.
+
+    `signed`: the vectors keep LAPACK's SVD signs (the loss depends on them). Otherwise (vectors whose sign the
+    caller fixes itself) they come from an eigendecomposition of the smaller Gram matrix, A^T A (then K = C) or
+    A A^T (K = M), a fraction of the SVD's cost for a feature map's (H*W, C) matrix.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, k: int):
+    def forward(ctx, x: torch.Tensor, k: int, signed: bool):
         threads = torch.get_num_threads()
         if x.device.type == "cpu":  # threaded LAPACK on a busy CPU: (128, 196, 32) in 20 s; on one thread, 22 ms
             torch.set_num_threads(1)
         try:
-            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+            if signed:
+                u, s, vh = torch.linalg.svd(x, full_matrices=False)
+                w, lam = u * s.unsqueeze(1), s * s
+            elif x.shape[1] >= x.shape[2]:  # the (C, C) Gram matrix A^T A: V, and W = A V
+                lam, v = torch.linalg.eigh(x.transpose(1, 2) @ x)  # ascending
+                lam, vh = lam.flip(-1).clamp(min=0), v.flip(-1).transpose(1, 2)
+                s, w = lam.sqrt(), x @ vh.transpose(1, 2)
+            else:  # the (M, M) Gram matrix A A^T: U, then V^T = S^-1 U^T A (zero rows where s = 0)
+                lam, u = torch.linalg.eigh(x @ x.transpose(1, 2))
+                lam, u = lam.flip(-1).clamp(min=0), u.flip(-1)
+                s = lam.sqrt()
+                inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+                w, vh = u * s.unsqueeze(1), inv.unsqueeze(2) * (u.transpose(1, 2) @ x)
         finally:
             torch.set_num_threads(threads)
-        ctx.save_for_backward(u, s, vh)
+        ctx.save_for_backward(w, lam, vh)
         ctx.k = k
         return s[:, :k], vh[:, :k].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_s: torch.Tensor | None, grad_v: torch.Tensor | None):
-        u, s, vh = ctx.saved_tensors
+        w, lam, vh = ctx.saved_tensors
         k = ctx.k
-        u_k, s_k, vh_k = u[:, :, :k], s[:, :k], vh[:, :k]
-        grad = torch.zeros(u.shape[0], u.shape[1], vh.shape[2], dtype=u.dtype, device=u.device)
-        if grad_s is not None:
-            grad = grad + u_k @ (grad_s.unsqueeze(2) * vh_k)
+        w_k, lam_k, vh_k = w[:, :, :k], lam[:, :k], vh[:, :k]
+        grad = torch.zeros(w.shape[0], w.shape[1], vh.shape[2], dtype=w.dtype, device=w.device)
+        if grad_s is not None:  # u_k diag(grad_s) v_k^T, u_k = w_k / s_k
+            inv_s = torch.where(lam_k > 0, lam_k.rsqrt(), torch.zeros_like(lam_k))
+            grad = grad + w_k @ ((grad_s * inv_s).unsqueeze(2) * vh_k)
         if grad_v is not None:
             c = vh @ grad_v  # (B, K, k): v_j . grad_v_i
-            f = 1.0 / (s_k.unsqueeze(1).pow(2) - s.unsqueeze(2).pow(2))  # (B, K, k): 1 / (s_i^2 - s_j^2)
+            f = 1.0 / (lam_k.unsqueeze(1) - lam.unsqueeze(2))  # (B, K, k): 1 / (s_i^2 - s_j^2)
             g = c * torch.where(torch.isfinite(f), f, torch.zeros_like(f))
-            grad = grad + u @ (s.unsqueeze(2) * g) @ vh_k + u_k @ (s_k.unsqueeze(2) * g.transpose(1, 2)) @ vh
-            if vh.shape[2] > vh.shape[1]:  # C > K: the part of grad_v outside A's row space
-                inv = torch.where(s_k > 0, 1.0 / s_k, torch.zeros_like(s_k))
-                grad = grad + u_k @ (inv.unsqueeze(2) * (grad_v - vh.transpose(1, 2) @ c).transpose(1, 2))
-        return grad, None
+            grad = grad + w @ g @ vh_k + w_k @ g.transpose(1, 2) @ vh
+            if vh.shape[2] > vh.shape[1]:  # C > K: the part of grad_v outside A's row space, u_i / s_i = w_i / s_i^2
+                inv = torch.where(lam_k > 0, 1.0 / lam_k, torch.zeros_like(lam_k))
+                grad = grad + w_k @ (inv.unsqueeze(2) * (grad_v - vh.transpose(1, 2) @ c).transpose(1, 2))
+        return grad, None, None
 
 
-def _top_singular(feat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_singular(feat: torch.Tensor, k: int, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, the top-k right singular vectors (B, C, k) and singular values (B, k) of the (H*W, C)
     matrix of a (B, C, H, W) map, each L2-normalised (vectors over C, values over k); NaN/inf set to 0.
-    Differentiated through the top k triplets only (`_TopSingular`)."""
-    s, v = _TopSingular.apply(feat.flatten(2).transpose(1, 2), k)
+    Differentiated through the top k triplets only (`_TopSingular`; `signed`: LAPACK's signs)."""
+    s, v = _TopSingular.apply(feat.flatten(2).transpose(1, 2), k, signed)
     s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
     v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
     return F.normalize(v, dim=1), F.normalize(s, dim=1)
@@ -630,7 +648,7 @@ def kdsvd_loss(
             raise ValueError(f"kdsvd_loss: singular vectors are compared channel by channel, but the student has "
                              f"{fs.shape[1]} channels and the teacher {ft.shape[1]}")
         v_t, s_t = _top_singular(ft, k)
-        v_s, _ = _top_singular(fs, k + 3)
+        v_s, _ = _top_singular(fs, k + 3, signed=False)  # its signs are set by the alignment below
         cos = v_s.transpose(1, 2) @ v_t  # (B, k + 3, k)
         best = cos.abs() == cos.abs().amax(dim=1, keepdim=True)
         v_s = v_s @ torch.where(best, torch.sign(cos), torch.zeros_like(cos))
