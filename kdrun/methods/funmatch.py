@@ -9,6 +9,13 @@ no labels. What the teacher sees is the point of the paper, `teacher_view`:
 - `function_matching`: consistent, plus mixup between images with the same partners and coefficients for
   both networks (`mixup_alpha`); the paper's best, given long ("patient") schedules.
 The data side builds these views from the method's declaration (its `batch_spec`).
+
+Mixup here differs from the authors' big_vision code in how it draws: kdrun gives every image its own partner (a
+permutation of the batch) and its own coefficient lambda ~ Beta(mixup_alpha, mixup_alpha); big_vision's `mixup`
+(fold_in None, n = 2) draws one coefficient for the whole batch, puts the larger share on each image's own
+pixels, and mixes image i with image i - 1 (a roll of the batch). kdrun draws per image so that a teacher cache
+can store each mixed view's output (a view is then a property of its image, not of the batch it fell into); the
+set of images mixed and the Beta(1, 1) law of the shares are the same, the batch's spread of shares is not.
 """
 
 from kdrun.data import BatchSpec
