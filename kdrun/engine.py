@@ -242,15 +242,16 @@ class Engine:
         if self.ema is not None and optimizer is self.optimizer:
             self.ema.update_parameters(self.method.eval_model())
 
-    def make_optimizer(self, params, epochs: int, lr_scale: float = 1.0, steps_per_epoch: int | None = None):
-        """An optimizer from the `schedule` config (its learning rate times `lr_scale`) and its per-step LR
+    def make_optimizer(self, params, epochs: int, lr_scale: float = 1.0, steps_per_epoch: int | None = None,
+                       lr: float | None = None):
+        """An optimizer from the `schedule` config (its learning rate, or `lr`, times `lr_scale`) and its per-step LR
         schedule over `epochs` (of `steps_per_epoch` steps; default: the current stage's). With `schedule.lr_groups`
         or `schedule.layer_decay`, the parameters fall into groups by learning-rate multiplier (`lr_multipliers`),
         the group at the base rate first (the one logged as `train/lr`)."""
         groups = self._lr_groups(list(params))
         optimizer = instantiate(self.schedule.optimizer, _partial_=True)(params=[{"params": ps} for ps in groups.values()])
         for group, multiplier in zip(optimizer.param_groups, groups):
-            group["lr"] *= lr_scale * multiplier
+            group["lr"] = (lr if lr is not None else group["lr"]) * lr_scale * multiplier
         steps_per_epoch = math.ceil((steps_per_epoch or len(self.train_loader)) / self.accumulate)  # optimizer steps
         total = epochs * steps_per_epoch
         schedule = OmegaConf.to_container(self.schedule, resolve=True)  # read per step: a plain dict is far faster
@@ -408,13 +409,13 @@ class Engine:
         return (self.max_steps is not None and self.step >= self.max_steps) or self.progress["stopped_early"] is not None
 
     def _optimizer_span(self, stages: list[Stage], i: int):
-        """The parameters, epochs, LR scale and steps per epoch of the optimizer stage i trains with: its own,
+        """The parameters, epochs, LR scale, steps per epoch and LR of the optimizer stage i trains with: its own,
         or, for a stage that continues another's (fresh_optimizer=False), that stage's."""
         owner = next(j for j in range(i, -1, -1) if j == 0 or stages[j].fresh_optimizer)
         stage = stages[owner]
         params = stage.params if stage.params is not None else [p for p in self.method.parameters() if p.requires_grad]
         epochs = stage.epochs + sum(s.epochs for s in _continuations(stages, owner))
-        return params, epochs, stage.lr_scale, len(self.loaders.train(stage.data))
+        return params, epochs, stage.lr_scale, len(self.loaders.train(stage.data)), stage.lr
 
     def _evaluate(self, stage: Stage) -> dict[str, float]:
         """`<set>/acc` and `<set>/loss` of the method's result on each of the stage's evaluation sets."""

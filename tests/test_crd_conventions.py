@@ -5,6 +5,7 @@ configs and CRD presets resolving to the benchmark's conventions and weights (it
 and train_student.py: -r 1, -a 0 and -b per method; KD -r 0.1 -a 0.9; CRD+KD -a 1)."""
 
 import itertools
+import json
 import math
 from importlib.resources import files
 from types import SimpleNamespace
@@ -224,7 +225,8 @@ BENCHMARK = {
     "crd/ab": {"weight": 0.003, "margin": 1.0, "init_epochs": 30,  # ABLoss: 2^(i-n+1) / bsz * 3 / 1000 in the init
                "connector": "convreg"},
     "crd/ft": {"weight": 200.0, "p": 1.0, "rate": 0.5, "init_epochs": 30, "reduce_channels": True,
-               "paraphraser_bn": False},
+               "paraphraser_bn": False, "paraphraser_lr": 0.01},  # helper/pretrain.py: 0.01 for ResNet/WRN students
+    "crd/ft_vgg": {"weight": 200.0, "reduce_channels": True, "paraphraser_bn": False, "paraphraser_lr": None},
     "fsp": {"weight": 1.0, "init_epochs": 30},  # init: the plain sum of the per-pair means; then CE only
     "nst": {"weight": 50.0},
     "crd": {"weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5, "kd_weight": 0.0},
@@ -248,6 +250,7 @@ def test_every_crd_preset_runs_each_benchmark_method_under_its_benchmark_config(
     assert len(rows) == 11
     for pair, methods in rows.items():
         table = set(BENCHMARK) - ({"fsp"} if pair not in SAME_ARCHITECTURE_FSP else set())
+        table -= {"crd/ft"} if pair.endswith("_vgg8") else {"crd/ft_vgg"}  # the init stage's rate: the row's
         assert table <= set(methods), (pair, table - set(methods))
         assert not {"kd", "fitnet", "cc", "rkd", "pkt", "ft", "ab", "ofd"} & set(methods), pair  # paper conventions
 
@@ -387,3 +390,15 @@ def test_ofds_table_row_pools_each_teacher_map_to_its_student_maps_size():
         pooled = t.view(b, c, h // 2, 2, w // 2, 2).mean((3, 5))
         expected += ofd_loss(r(s), pooled, getattr(pool, f"margin_{i}")) / 2 ** (3 - i - 1)
     torch.testing.assert_close(losses["ofd"], 1e-3 * expected, rtol=1e-4, atol=1e-7)
+
+
+def test_fts_paraphraser_trains_at_its_own_learning_rate_then_the_student_at_the_schedules(tmp_path):
+    """RepDistiller's init stage trains FT's paraphraser at lr 0.01 for a ResNet student (crd/ft), whatever the
+    row's rate; the student's stage then runs at the schedule's (0.05 here, a step schedule: constant)."""
+    run(make_cfg("dataset=digits", "schedule=sgd_step", "schedule.batch_size=256", "schedule.epochs=1",
+                 "teacher.epochs=1", "method=crd/ft", "method.init_epochs=1", "trainer.log_every=1"),
+        tmp_path, "crd_ft")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [(r["train/stage"], r["train/lr"]) for r in rows if "train/lr" in r]  # stage 0: the paraphraser's
+    assert {lr for stage, lr in lrs if stage == 0} == {0.01}
+    assert {lr for stage, lr in lrs if stage == 1} == {0.05}

@@ -25,6 +25,7 @@ class Stage:
     `fresh_optimizer`: start a new optimizer and LR schedule at this stage; when False the stage
     continues the previous stage's optimizer and schedule (the schedule then spans both).
     `lr_scale`: a fresh optimizer's learning rate is the schedule's times this (e.g. a gentle fine-tuning).
+    `lr`: a fresh optimizer's learning rate in place of the schedule's (None: the schedule's), times `lr_scale`.
     `data`: the training images it draws (None: the run's whole training set).
     `evaluate`: the named evaluation sets reported after its epochs (`<name>/acc`, `<name>/loss`); None: the
     run's own (`val` when the run holds validation images out, then `test`).
@@ -35,6 +36,7 @@ class Stage:
     params: list[nn.Parameter] | None = None
     fresh_optimizer: bool = True
     lr_scale: float = 1.0
+    lr: float | None = None
     data: Selection | None = None
     evaluate: tuple[EvalSet, ...] | None = None
     info: dict = field(default_factory=dict)

@@ -8,7 +8,9 @@ map into the student factor F_S, and loss = CE + beta * L_FT with
 L_FT = || F_T/||F_T||_2 - F_S/||F_S||_2 ||_p, p = 1 (eq. 3), averaged over elements as in the common
 implementations, beta = `weight` = 200 (the CRD benchmark's). The CRD benchmark's FactorTransfer first
 reduces each factor over channels to mean_c F_c^2 (`reduce_channels`) and its paraphraser has no BatchNorm
-(`paraphraser_bn=false`): method=crd/ft.
+(`paraphraser_bn=false`): method=crd/ft. `paraphraser_lr` trains the paraphraser at its own learning rate (null:
+the schedule's): RepDistiller's init stage uses 0.01 for ResNet and WRN students and the row's rate otherwise, so
+crd/ft fixes 0.01 (every row but VGG8's, whose rate is 0.05: crd/ft_vgg).
 """
 
 import torch
@@ -42,13 +44,14 @@ class Paraphraser(nn.Module):
 
 
 class FT(FeatureMethod):
-    ranges = {"init_epochs": "[0, inf)", "rate": "(0, inf)", "p": "(0, inf)"}
+    ranges = {"init_epochs": "[0, inf)", "rate": "(0, inf)", "p": "(0, inf)", "paraphraser_lr": "(0, inf)"}
     positions = "last"
 
     def __init__(self, student, teacher, init_epochs: int = 30, rate: float = 0.5, p: float = 1.0,
-                 weight: float = 200.0, reduce_channels: bool = False, paraphraser_bn: bool = True, **kwargs):
+                 weight: float = 200.0, reduce_channels: bool = False, paraphraser_bn: bool = True,
+                 paraphraser_lr: float | None = None, **kwargs):
         super().__init__(student, teacher, weight, **kwargs)
-        self.init_epochs, self.rate, self.p = init_epochs, rate, p
+        self.init_epochs, self.rate, self.p, self.paraphraser_lr = init_epochs, rate, p, paraphraser_lr
         self.reduce_channels, self.paraphraser_bn = reduce_channels, paraphraser_bn
 
     def build(self, s_feats, t_feats):
@@ -62,7 +65,8 @@ class FT(FeatureMethod):
                                         *_block(nn.Conv2d(factor, factor, 3, padding=1), factor))
 
     def stages(self, epochs):
-        return [Stage("paraphraser", self.init_epochs, params=list(self.paraphraser.parameters())),
+        return [Stage("paraphraser", self.init_epochs, params=list(self.paraphraser.parameters()),
+                      lr=self.paraphraser_lr),
                 Stage("train", epochs, params=list(self.student.parameters()) + list(self.translator.parameters()))]
 
     def on_stage_start(self, stage, loop):
