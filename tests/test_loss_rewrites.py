@@ -4,7 +4,8 @@ values and the same gradients on fixed tensors."""
 import torch
 import torch.nn.functional as F
 
-from kdrun.losses import hcl_loss, kdsvd_loss, ofd_loss
+from kdrun.losses import hcl_loss, ofd_loss
+from kdrun.losses.features import _top_singular
 from kdrun.methods.crd import CRD
 
 DT = torch.float64
@@ -85,37 +86,25 @@ def test_crd_dense_scores_match_autograd_through_gather_and_survive_a_bank_updat
     torch.testing.assert_close(leaf.grad, want_grad)
 
 
-def test_kdsvd_student_vectors_from_the_gram_eigendecomposition_match_the_svds():
-    """The student's top k + 3 vectors come from eigh(A^T A) (their signs set by the alignment): the loss and its
-    gradient are the formula's with both sides from torch's SVD, written out here (full-rank maps, where torch's own
-    SVD gradient is finite)."""
-    teacher = [_randn(3, 6, 5, 5, seed=20), _randn(3, 10, 3, 3, seed=21)]
-    student = [_randn(3, 6, 5, 5, seed=22), _randn(3, 10, 3, 3, seed=23)]
+def test_top_singular_vectors_from_the_gram_eigendecomposition_match_the_svds():
+    """KD-SVD's student vectors come from eigh of the smaller Gram matrix (A^T A for a tall map, A A^T for a wide
+    one), their signs set later by the alignment: the singular values, the vectors up to sign, and the gradient of
+    a sign-blind function of both are those of torch's own SVD and its autograd (full-rank maps, where that gradient
+    is finite), as they are with `signed=True` (LAPACK's SVD, the backward the two share)."""
 
-    def old(*feats, k=1):
-        total, prev = 0.0, None
-        for fs, ft in zip(feats, teacher):
-            _, s_t, vh_t = torch.linalg.svd(ft.flatten(2).transpose(1, 2), full_matrices=False)
-            _, _, vh_s = torch.linalg.svd(fs.flatten(2).transpose(1, 2), full_matrices=False)
-            v_t, s_t = F.normalize(vh_t[:, :k].transpose(1, 2), dim=1), F.normalize(s_t[:, :k], dim=1)
-            v_s = F.normalize(vh_s[:, :k + 3].transpose(1, 2), dim=1)
-            cos = v_s.transpose(1, 2) @ v_t
-            best = cos.abs() == cos.abs().amax(dim=1, keepdim=True)
-            v_s = v_s @ torch.where(best, torch.sign(cos), torch.zeros_like(cos))
-            v_s, v_t = v_s * s_t.unsqueeze(1), v_t * s_t.unsqueeze(1)
-            if prev is not None:
-                def rbf(a, b):
-                    return torch.exp(-(a.unsqueeze(2) - b.unsqueeze(1)).pow(2) / 8)
-                total = total + (rbf(v_s, prev[0]) - rbf(v_t, prev[1])).pow(2).sum() / fs.shape[0]
-            prev = (v_s, v_t)
-        return total
+    def torch_svd(x, k):
+        _, s, vh = torch.linalg.svd(x.flatten(2).transpose(1, 2), full_matrices=False)
+        return F.normalize(vh[:, :k].transpose(1, 2), dim=1), F.normalize(s[:, :k], dim=1)
 
-    leaves = [s.clone().requires_grad_(True) for s in student]
-    want = old(*leaves)
-    want_grads = torch.autograd.grad(want, leaves)
-    leaves = [s.clone().requires_grad_(True) for s in student]
-    got = kdsvd_loss(leaves, teacher)
-    got_grads = torch.autograd.grad(got, leaves)
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w)
+    for shape, k in (((3, 6, 5, 5), 4), ((3, 10, 3, 3), 4)):  # (25, 6): tall; (9, 10): wide
+        a = _randn(*shape, seed=20)
+        w_s, w_v = _randn(k, seed=21), _randn(shape[1], 2, seed=22)
+        results = []
+        for top in (torch_svd, lambda x, k: _top_singular(x, k, True), lambda x, k: _top_singular(x, k, False)):
+            x = a.clone().requires_grad_(True)
+            vectors, values = top(x, k)
+            f = (values * w_s).sum() + ((vectors.transpose(1, 2) @ w_v) ** 2).sum()  # blind to each vector's sign
+            results.append((values.detach(), vectors.detach().abs(), f.detach(), torch.autograd.grad(f, x)[0]))
+        for other in results[1:]:
+            for want, got in zip(results[0], other):
+                torch.testing.assert_close(got, want)
