@@ -10,7 +10,8 @@ kdrun measures them on the teacher's pre-ReLU responses of the first training ba
 residual sum sits between the BatchNorm and the ReLU) and keeps them as buffers.
 `align`: `resolution` (stages of equal size, compared position by position) or `pool` (mdistiller's, the CRD
 table's OFD row, method=crd/ofd: the stages paired in order whatever their sizes, each teacher map average-pooled
-to its student map's size).
+to its student map's size; with unequal stage counts kdrun pairs by resolution where mdistiller keeps each list's
+last ones, which no pair of the table has).
 """
 
 import torch
@@ -22,11 +23,10 @@ from kdrun.methods.feature import FeatureMethod, connector, same_spatial
 
 
 class OFD(FeatureMethod):
+    ranges = {"align": "{resolution, pool}"}
     positions = "stages"
     preact = (True, True)
     pairing = "resolution"
-
-    ranges = {"align": "{resolution, pool}"}
 
     def __init__(self, student, teacher, weight: float = 1e-3, align: str = "resolution", **kwargs):
         super().__init__(student, teacher, weight, **kwargs)
