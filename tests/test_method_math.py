@@ -662,6 +662,21 @@ def test_reviewkd_ramps_the_weighted_hierarchical_context_loss_by_epoch_plus_one
     _close(loop.optimized[0], losses["ce"] + losses["reviewkd"])
 
 
+@pytest.mark.parametrize("student, teacher, size, mid", [("cnn_small", "cnn", 28, 48),
+                                                         ("resnet8x4", "resnet32x4", 32, 256)])
+def test_reviewkd_fuses_at_the_width_of_the_students_last_stage(student, teacher, size, mid):
+    """mdistiller's middle width min(512, in_channels[-1]) is its pooled feature's, which always has the last stage's
+    channels; kdrun's cnn flattens a 3x3 map into its classifier (9x as wide: 432 for cnn_small, whose fusion
+    convolutions at 28x28 then cost 40 KD steps), so the width is read from the last stage."""
+    from kdrun import models
+
+    kwargs = {"width": 12} if student == "cnn_small" else {}
+    method = ReviewKD(models.create("cnn" if student == "cnn_small" else student, 10, in_chans=1, **kwargs),
+                      models.create(teacher, 10, in_chans=1))
+    method.setup(SimpleNamespace(in_chans=1, image_size=size))
+    assert {abf.conv1[0].out_channels for abf in method.abfs} == {mid}
+
+
 # ---------------------------------------------------------------------------------------------- self-training
 
 

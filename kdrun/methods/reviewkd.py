@@ -71,7 +71,9 @@ class ReviewKD(FeatureMethod):
         if any(f.dim() != 4 for f in s_feats[:-1] + t_feats[:-1]):
             raise KdrunError("reviewkd fuses feature maps with convolutions; choose (B, C, H, W) feature layers")
         s_levels, t_levels = self.levels(s_feats), self.levels(t_feats)
-        mid = min(self.max_mid_channels, s_levels[-1].shape[1])
+        # mdistiller's min(512, in_channels[-1]): its pooled feature has the last stage's channels; kdrun's cnn
+        # flattens a 3x3 map there (9x as wide), which as the width would put 432 channels at 28x28 for cnn_small
+        mid = min(self.max_mid_channels, s_feats[-2].shape[1])
         self.abfs = nn.ModuleList(ABF(s.shape[1], mid, t.shape[1], fuse=i < len(s_levels) - 1)
                                   for i, (s, t) in enumerate(zip(s_levels, t_levels)))
 
