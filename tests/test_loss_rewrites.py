@@ -4,7 +4,7 @@ values and the same gradients on fixed tensors."""
 import torch
 import torch.nn.functional as F
 
-from kdrun.losses import hcl_loss, ofd_loss
+from kdrun.losses import ab_loss, hcl_loss, ofd_loss
 from kdrun.losses.features import _top_singular
 from kdrun.methods.crd import CRD
 
@@ -41,6 +41,20 @@ def test_ofd_loss_matches_the_masked_square_it_replaces():
     # an undetached teacher gets the gradient of the target max(T, m) too
     (_, want_grad), (_, got_grad) = (_value_and_grad(lambda t: old(s, t), t),
                                      _value_and_grad(lambda t: ofd_loss(s, t, m), t))
+    torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_ab_loss_matches_the_relu_square_it_replaces():
+    t, s = _randn(3, 4, 5, 5, seed=30), _randn(3, 4, 5, 5, seed=31)
+    t[0, 0, 0] = 0.0  # rho(0) = 0: the student is pushed below -margin there
+    s[1] = torch.where(t[1] > 0, 1.0, -1.0)  # the student on the margin: zero terms
+
+    def old(s):
+        sign = (t > 0).to(s.dtype) * 2 - 1
+        return F.relu(0.5 - sign * s).pow(2).flatten(1).sum(dim=1).mean()
+
+    (want, want_grad), (got, got_grad) = _value_and_grad(old, s), _value_and_grad(lambda s: ab_loss(s, t, 0.5), s)
+    torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
 
 
