@@ -19,10 +19,12 @@ class MultiHead(nn.Module):
                  task_outputs: list[int] | None = None):
         super().__init__()
         head = body.get_submodule(classifier)
-        outputs = getattr(head, "out_features", None)
-        wanted = len(task_outputs) if task_outputs is not None else classes[task]
-        if not isinstance(head, nn.Linear) or wanted != classes[task] \
-                or (outputs != wanted if task_outputs is None else max(task_outputs) >= outputs):
+        outputs = head.out_features if isinstance(head, nn.Linear) else None
+        if task_outputs is None:
+            fits = outputs == classes[task]
+        else:
+            fits = outputs is not None and len(task_outputs) == classes[task] and max(task_outputs) < outputs
+        if not fits:
             raise KdrunError(f"the student's classifier {classifier} gives {outputs or '?'} outputs but its task head "
                              f"needs {classes[task]}; give a task teacher of the run's dataset's classes, or name "
                              "its classes among the dataset's (method.task_classes)")
