@@ -144,13 +144,20 @@ def build(cfg: DictConfig) -> Data:
     return semi.split(hold_out(Data(cfg.name, splits, mean, std, dict(cfg.get("augment") or {})), cfg), cfg)
 
 
+def class_positions(classes, num_classes: int, device=None) -> torch.Tensor:
+    """(num_classes,) long: each class's position in `classes` (a sequence or tensor of class numbers), -1 for a
+    class not among them; a relabelling table."""
+    table = torch.full((num_classes,), -1, dtype=torch.long, device=device)
+    table[torch.as_tensor(classes, device=device)] = torch.arange(len(classes), device=device)
+    return table
+
+
 def select_classes(splits: Splits, classes: list[int]) -> Splits:
     """`splits` with only the images of `classes` (`dataset.classes`), relabelled 0..k-1 in the order given."""
     if not classes or len(set(classes)) != len(classes) or not all(0 <= c < splits.num_classes for c in classes):
         raise KdrunError(f"dataset.classes={classes}; give distinct class numbers between 0 and "
                          f"{splits.num_classes - 1}, e.g. [0, 2, 4, 6]")
-    relabel = torch.full((splits.num_classes,), -1, dtype=torch.long)
-    relabel[torch.as_tensor(classes)] = torch.arange(len(classes))
+    relabel = class_positions(classes, splits.num_classes)
 
     def keep(part):
         if isinstance(part, InMemory):

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kdrun import checkpoint, models
-from kdrun.data import BatchSpec
+from kdrun.data import BatchSpec, class_positions
 from kdrun.errors import KdrunError
 from kdrun.features import probe_input
 from kdrun.losses import kd_loss
@@ -105,7 +105,7 @@ class Consolidation(Method):
                              task_outputs=list(task) if task is not None else None)
         if task is not None:
             self.evaluation_sets = tuple(replace(s, classes=task, mask=task) for s in data.evaluation_sets())
-            self.task_label = _positions(task, data.num_classes)
+            self.task_label = class_positions(task, data.num_classes)
 
     def stages(self, epochs):
         return [Stage("train", epochs, evaluate=self.evaluation_sets)]
@@ -183,13 +183,6 @@ def _teacher(i: int, entry: dict, data) -> tuple[torch.nn.Module, str]:
     model = models.from_arch(arch)
     checkpoint.load_weights(model, path, what=f"{field} teacher")
     return model, arch.get("name") or f"teacher{i}"
-
-
-def _positions(task: tuple[int, ...], num_classes: int) -> torch.Tensor:
-    """(num_classes,): each class's position among `task`, or -1 for a class outside it."""
-    label = torch.full((num_classes,), -1, dtype=torch.long)
-    label[list(task)] = torch.arange(len(task))
-    return label
 
 
 def _close(a, b) -> bool:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun.data import class_positions
 from kdrun.errors import KdrunError
 from kdrun.losses.continual import replay_distill_loss, vae_loss
 from kdrun.methods.base import Method, Stage, accuracy
@@ -113,8 +114,7 @@ class DGR(Method):
         old = [c for c in seen if c not in classes]
         device = self.mean.device
         self.old, self.seen = len(old), torch.tensor(old + list(classes), device=device)
-        self.lookup = torch.full((self.num_classes,), -1, dtype=torch.long, device=device)
-        self.lookup[self.seen] = torch.arange(len(self.seen), device=device)
+        self.lookup = class_positions(self.seen, self.num_classes, device)
         if self.experience > 0:  # (a resumed experience gets the checkpoint's copies next)
             self.previous_solver.load_state_dict(self.student.state_dict())
             self.previous_generator.load_state_dict(self.generator.state_dict())

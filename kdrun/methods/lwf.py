@@ -89,8 +89,7 @@ class LwF(Method):
         device = self.head[0].weight.device
         self.classes = torch.tensor(info["classes"], device=device)
         self.old = torch.tensor([c for c in info["seen"] if c not in info["classes"]], dtype=torch.long, device=device)
-        self.position = torch.full((self.head[0].out_features,), -1, dtype=torch.long, device=device)
-        self.position[self.classes] = torch.arange(len(self.classes), device=device)
+        self.position = kdata.class_positions(self.classes, self.head[0].out_features, device)
         self.others = self.position < 0  # the rows of the classifier that are not this experience's head
         self.table = None
         if info.get("first") and self.experience > 0:  # a resumed run then loads the checkpoint's over it
